@@ -1,0 +1,3 @@
+"""Heimdall Edge: a headless voice-and-camera appliance for the Raspberry Pi."""
+
+__version__ = "0.1.0"

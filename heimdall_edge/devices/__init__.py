@@ -1,0 +1,1 @@
+"""Hardware seams: each device is a Protocol with a real and a simulated implementation."""

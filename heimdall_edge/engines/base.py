@@ -1,0 +1,59 @@
+"""Protocols for speech-to-text, reply and text-to-speech engines."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from heimdall_edge.audio import Audio
+
+
+class EngineError(RuntimeError):
+    """An engine that cannot load or run; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class Transcript:
+    text: str
+    engine: str
+
+
+@dataclass(frozen=True)
+class ReplyRequest:
+    transcript: str
+    capture_id: str
+    image_jpeg: bytes | None = None
+    status: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Reply:
+    text: str
+    engine: str
+
+
+class SpeechToText(Protocol):
+    name: str
+
+    async def load(self) -> None:
+        """Load the model once; later calls do nothing."""
+        ...
+
+    async def transcribe(self, audio: Audio) -> Transcript: ...
+
+
+class ReplyEngine(Protocol):
+    name: str
+
+    async def reply(self, request: ReplyRequest) -> Reply: ...
+
+
+class TextToSpeech(Protocol):
+    name: str
+
+    async def load(self) -> None: ...
+
+    def synthesize(self, text: str) -> AsyncIterator[Audio]:
+        """Audio sentence by sentence, each yielded as soon as it is ready."""
+        ...

@@ -1,0 +1,261 @@
+"""Frozen, validated settings: TOML file, then environment, then credentials.
+
+Built once at start-up. A bad value stops the service with a message that names
+the key, the value and what is allowed; nothing downstream re-checks settings.
+Environment overrides use `HEIMDALL_<SECTION>__<KEY>` (for example
+`HEIMDALL_LISTENING__MODE=voice`), plus the top-level `HEIMDALL_STATE_DIR`,
+`HEIMDALL_MODELS_DIR` and `HEIMDALL_DEVICE_ID`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+DEFAULT_CONFIG = Path("/etc/heimdall-edge/config.toml")
+DEFAULT_STATE_DIR = Path("/var/lib/heimdall-edge")
+ENV_PREFIX = "HEIMDALL_"
+
+Ms = Annotated[int, Field(ge=0, le=600_000)]
+
+
+class SettingsError(ValueError):
+    """Settings that cannot be used; the message says which key and how to fix it."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+
+class MicrophoneSettings(Section):
+    device: str | int | None = None
+    """PortAudio input device: a name (or part of one, e.g. "seeed") or an index. Unset: the default device."""
+    sample_rate: Literal[16000, 44100, 48000] | None = None
+    """Rate to open the card at. Unset: 16000 if the card takes it, else 48000 or 44100, resampled to 16 kHz."""
+    reopen_max_backoff_s: Annotated[float, Field(gt=0, le=300)] = 30.0
+    """Longest wait between attempts to reopen a microphone that disappeared."""
+
+
+class SpeakerSettings(Section):
+    device: str | int | None = None
+    """PortAudio output device: a name (or part of one) or an index. Unset: the default device."""
+
+
+class ButtonSettings(Section):
+    pin: Annotated[int, Field(ge=0, le=27)] = 17
+    """BCM GPIO number of the push button, wired to ground (internal pull-up)."""
+    bounce_ms: Annotated[int, Field(ge=0, le=500)] = 30
+    """Debounce time: edges closer together than this are one press."""
+    long_press_s: Annotated[float, Field(gt=0.5, le=30)] = 3.0
+    """Holding the button this long without speaking cancels the capture or the reply."""
+
+
+class LedSettings(Section):
+    pin: Annotated[int, Field(ge=0, le=27)] | None = 27
+    """BCM GPIO number of the status LED (through a resistor to ground). Unset: no LED."""
+
+
+class CameraSettings(Section):
+    enabled: bool = True
+    """Take JPEG frames while the person speaks. Without a camera the loop carries on with audio only."""
+    frames: Annotated[int, Field(ge=0, le=30)] = 3
+    """Most frames kept per capture."""
+    interval_ms: Annotated[int, Field(ge=100, le=10_000)] = 700
+    """Time between frames while the person speaks."""
+    width: Annotated[int, Field(ge=64, le=4608)] = 1280
+    height: Annotated[int, Field(ge=64, le=2592)] = 720
+    jpeg_quality: Annotated[int, Field(ge=10, le=100)] = 85
+
+
+class ListeningSettings(Section):
+    mode: Literal["button", "voice", "both"] = "both"
+    """What starts a capture: the button, the start of speech, or either."""
+    vad_aggressiveness: Annotated[int, Field(ge=0, le=3)] = 2
+    """webrtcvad aggressiveness: 0 keeps the most audio, 3 rejects the most noise."""
+    pre_roll_ms: Ms = 300
+    """Audio kept from before the trigger, so the first syllable is not clipped."""
+    min_speech_ms: Ms = 240
+    """Speech needed before a voice trigger fires or a capture counts: shorter is a click or a cough."""
+    silence_ms: Ms = 700
+    """Silence after speech that ends the utterance (Home Assistant uses 0.7 s)."""
+    max_ms: Annotated[int, Field(ge=1000, le=120_000)] = 15_000
+    """Longest utterance; recording stops here even if the person is still talking."""
+    no_speech_timeout_ms: Annotated[int, Field(ge=500, le=60_000)] = 5_000
+    """After a button press, give up if nobody speaks within this time."""
+
+
+class SpeechToTextSettings(Section):
+    model: str = "tiny.en"
+    """faster-whisper model: a size name found under the models dir (tiny.en, base.en, ...) or a folder path."""
+    compute_type: Literal["int8", "int8_float32", "float32", "float16", "default"] = "int8"
+    """CTranslate2 compute type; int8 is fastest on the Pi's Cortex-A cores."""
+    beam_size: Annotated[int, Field(ge=1, le=10)] = 1
+    """Beam width: 1 (greedy) is fastest; 5 is a little more accurate."""
+    language: str | None = "en"
+    """Language hint (ISO 639-1). Unset: detect it (not possible with .en models)."""
+    cpu_threads: Annotated[int, Field(ge=0, le=64)] = 0
+    """Inference threads; 0 lets CTranslate2 choose (all cores)."""
+
+
+class TextToSpeechSettings(Section):
+    voice: str = "en_US-joe-medium"
+    """Piper voice: a name found under the models dir, or a path to its .onnx file (the .onnx.json beside it)."""
+    length_scale: Annotated[float, Field(gt=0.2, le=4)] | None = None
+    """Speaking pace: above 1 is slower. Unset: the voice's own."""
+
+
+class EngineSettings(Section):
+    preload: bool = True
+    """Load the speech models at start-up, before READY, so the first reply is as fast as the rest."""
+
+
+class Secrets(Section):
+    """API keys, read from the environment or systemd credentials, never from the TOML file."""
+
+    openai_api_key: SecretStr | None = None
+    elevenlabs_api_key: SecretStr | None = None
+
+
+SECRET_SOURCES = {"openai_api_key": "OPENAI_API_KEY", "elevenlabs_api_key": "ELEVENLABS_API_KEY"}
+
+
+class Settings(BaseSettings):
+    """Everything the appliance needs to know, in one frozen value."""
+
+    model_config = SettingsConfigDict(
+        frozen=True,
+        extra="forbid",
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        use_attribute_docstrings=True,
+    )
+
+    state_dir: Path = DEFAULT_STATE_DIR
+    """Spool, caches and runtime state (HEIMDALL_STATE_DIR)."""
+    models_dir: Path | None = None
+    """Speech models (HEIMDALL_MODELS_DIR). Unset: <state_dir>/models."""
+    device_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")] | None = None
+    """Name of this device in capture records (HEIMDALL_DEVICE_ID). Unset: derived from /etc/machine-id."""
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    microphone: MicrophoneSettings = MicrophoneSettings()
+    speaker: SpeakerSettings = SpeakerSettings()
+    button: ButtonSettings = ButtonSettings()
+    led: LedSettings = LedSettings()
+    camera: CameraSettings = CameraSettings()
+    listening: ListeningSettings = ListeningSettings()
+    stt: SpeechToTextSettings = SpeechToTextSettings()
+    tts: TextToSpeechSettings = TextToSpeechSettings()
+    engines: EngineSettings = EngineSettings()
+    secrets: Secrets = Field(default=Secrets(), exclude=True)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The TOML file arrives as init kwargs; the environment must win over it.
+        return (env_settings, init_settings)
+
+    @model_validator(mode="after")
+    def _fill_derived(self) -> Settings:
+        if self.models_dir is None:
+            object.__setattr__(self, "models_dir", self.state_dir / "models")
+        if self.device_id is None:
+            object.__setattr__(self, "device_id", machine_device_id())
+        return self
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.state_dir / "spool"
+
+    @property
+    def models(self) -> Path:
+        assert self.models_dir is not None  # filled by _fill_derived
+        return self.models_dir
+
+
+def machine_device_id(machine_id_file: Path = Path("/etc/machine-id")) -> str:
+    """A stable, non-secret device name: a hash of the machine id, never the id itself."""
+    try:
+        machine_id = machine_id_file.read_text().strip()
+    except OSError:
+        machine_id = ""
+    if not machine_id:
+        machine_id = os.uname().nodename
+    return "heimdall-" + hashlib.sha256(machine_id.encode()).hexdigest()[:12]
+
+
+def read_secrets(environ: dict[str, str] | None = None) -> Secrets:
+    """API keys from the environment, else from systemd's $CREDENTIALS_DIRECTORY."""
+    environ = dict(os.environ) if environ is None else environ
+    credentials = environ.get("CREDENTIALS_DIRECTORY")
+    found: dict[str, Any] = {}
+    for field, env_var in SECRET_SOURCES.items():
+        value = environ.get(env_var, "").strip()
+        if not value and credentials:
+            path = Path(credentials) / field
+            if path.is_file():
+                value = path.read_text().strip()
+        if value:
+            found[field] = value
+    return Secrets(**found)
+
+
+def config_path(explicit: Path | None, environ: dict[str, str] | None = None) -> tuple[Path, bool]:
+    """The config file to read, and whether the person asked for it (then it must exist)."""
+    environ = dict(os.environ) if environ is None else environ
+    if explicit is not None:
+        return explicit, True
+    if environ.get("HEIMDALL_CONFIG"):
+        return Path(environ["HEIMDALL_CONFIG"]), True
+    return DEFAULT_CONFIG, False
+
+
+def load_settings(explicit: Path | None = None) -> Settings:
+    """Read, merge and validate settings once; raise SettingsError on any problem."""
+    path, required = config_path(explicit)
+    data: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise SettingsError(f"config file {path} is not valid TOML: {exc}") from exc
+        except OSError as exc:
+            raise SettingsError(f"config file {path} cannot be read: {exc}") from exc
+        if "secrets" in data:
+            raise SettingsError(
+                f"config file {path} has a [secrets] table: keep API keys out of the config; "
+                "set OPENAI_API_KEY / ELEVENLABS_API_KEY or use systemd LoadCredential="
+            )
+    elif required:
+        raise SettingsError(
+            f"config file {path} does not exist: create it (see config.example.toml) "
+            "or drop --config / HEIMDALL_CONFIG to use the defaults"
+        )
+    try:
+        return Settings(**data, secrets=read_secrets())
+    except ValidationError as exc:
+        raise SettingsError(describe_errors(exc, path)) from None
+
+
+def describe_errors(exc: ValidationError, path: Path) -> str:
+    """One line per bad key: where it is, the value given and what is allowed."""
+    lines = [f"invalid settings ({path} and HEIMDALL_* environment):"]
+    for error in exc.errors(include_url=False):
+        key = ".".join(str(part) for part in error["loc"])
+        env_name = ENV_PREFIX + "__".join(str(p) for p in error["loc"]).upper()
+        if error["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key; check its spelling against config.example.toml")
+            continue
+        lines.append(f"  {key} = {error['input']!r}: {error['msg']} (set in the file or {env_name})")
+    return "\n".join(lines)
