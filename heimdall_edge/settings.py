@@ -57,8 +57,10 @@ class ButtonSettings(Section):
 
 
 class LedSettings(Section):
-    pin: Annotated[int, Field(ge=0, le=27)] | None = 27
-    """BCM GPIO number of the status LED (through a resistor to ground). Unset: no LED."""
+    enabled: bool = True
+    """Drive a status LED: on while listening, fast blink while thinking, slow blink after an error."""
+    pin: Annotated[int, Field(ge=0, le=27)] = 27
+    """BCM GPIO number of the status LED (through a resistor to ground)."""
 
 
 class CameraSettings(Section):
@@ -69,8 +71,11 @@ class CameraSettings(Section):
     interval_ms: Annotated[int, Field(ge=100, le=10_000)] = 700
     """Time between frames while the person speaks."""
     width: Annotated[int, Field(ge=64, le=4608)] = 1280
+    """Frame width in pixels."""
     height: Annotated[int, Field(ge=64, le=2592)] = 720
+    """Frame height in pixels."""
     jpeg_quality: Annotated[int, Field(ge=10, le=100)] = 85
+    """JPEG quality: 85 keeps a 720p frame near 100 KB."""
 
 
 class ListeningSettings(Section):
@@ -143,6 +148,9 @@ class Settings(BaseSettings):
     device_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")] | None = None
     """Name of this device in capture records (HEIMDALL_DEVICE_ID). Unset: derived from /etc/machine-id."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Journal verbosity; DEBUG adds per-frame and per-request detail."""
+    stop_grace_s: Annotated[float, Field(gt=0, le=60)] = 15.0
+    """On SIGTERM, how long the current turn may take to finish writing (keep below TimeoutStopSec)."""
     microphone: MicrophoneSettings = MicrophoneSettings()
     speaker: SpeakerSettings = SpeakerSettings()
     button: ButtonSettings = ButtonSettings()

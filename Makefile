@@ -1,0 +1,27 @@
+# The two commands: `make demo` (one whole interaction on simulated hardware)
+# and `make test`. Both set up what is missing first.
+SHELL := /bin/bash
+VENV := .venv
+export HEIMDALL_MODELS_DIR ?= $(abspath $(firstword $(wildcard ../shared/models) $(HOME)/.local/share/heimdall-edge/models))
+export HEIMDALL_STATE_DIR ?= $(abspath .state)
+export HF_HUB_OFFLINE := 1
+
+.PHONY: setup demo test bench models clean
+
+setup:
+	@scripts/bootstrap.sh
+
+models: setup
+	@test -d "$(HEIMDALL_MODELS_DIR)" || $(VENV)/bin/python scripts/fetch-models --dest "$(HEIMDALL_MODELS_DIR)"
+
+demo: models
+	$(VENV)/bin/heimdall-edge demo $(DEMO_ARGS)
+
+test: setup
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+bench: models
+	$(VENV)/bin/python bench/latency.py
+
+clean:
+	rm -rf .state .pytest_cache

@@ -1,0 +1,220 @@
+"""The service: brings devices and engines up, runs turns forever, talks to systemd.
+
+READY=1 is sent only once devices are open and engines loaded. WATCHDOG=1 is
+sent only while the loop really makes progress: each microphone frame it
+consumes, each stage it finishes (see HealthWatchdog). SIGTERM stops taking new
+captures, cuts playback short and lets the current capture finish writing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from heimdall_edge.devices.base import Button, ButtonEvent, Camera, Indicator, IndicatorState, Microphone, Speaker
+from heimdall_edge.devices.camera import frames_while
+from heimdall_edge.interaction import Engines, Interaction, TurnResult
+from heimdall_edge.listening import Listener
+from heimdall_edge.sdnotify import HealthWatchdog, Notifier
+from heimdall_edge.settings import Settings
+from heimdall_edge.spool import Spool
+
+log = logging.getLogger(__name__)
+
+MIC_STALL_S = 1.0  # a read this slow means the device is away: report it, keep the loop alive
+
+
+@dataclass
+class Devices:
+    microphone: Microphone
+    button: Button | None
+    indicator: Indicator
+    camera: Camera
+    speaker: Speaker
+
+    async def aclose(self) -> None:
+        if self.button is not None:
+            self.button.close()
+        self.indicator.close()
+        await asyncio.gather(self.microphone.aclose(), self.camera.aclose(), self.speaker.aclose())
+
+
+class _PulsingMicrophone:
+    """The microphone as the listener sees it: every frame consumed is a watchdog beat.
+
+    A read that stalls (device unplugged, reopening with backoff) still beats once
+    a second, since the loop itself is alive and waiting; a wedged loop stops
+    reading and so stops beating.
+    """
+
+    def __init__(self, microphone: Microphone, beat: Callable[[], None], notifier: Notifier) -> None:
+        self._microphone = microphone
+        self._beat = beat
+        self._notifier = notifier
+        self.name = microphone.name
+        self._stalled = False
+
+    async def read(self) -> bytes:
+        read = asyncio.ensure_future(self._microphone.read())
+        while True:
+            done, _ = await asyncio.wait({read}, timeout=MIC_STALL_S)
+            self._beat()
+            if done:
+                if self._stalled:
+                    self._stalled = False
+                    self._notifier.status("listening")
+                return read.result()
+            if not self._stalled:
+                self._stalled = True
+                self._notifier.status(f"waiting for microphone {self.name}")
+
+    def flush(self) -> None:
+        self._microphone.flush()
+
+    async def aclose(self) -> None:
+        await self._microphone.aclose()
+
+
+class Appliance:
+    def __init__(
+        self,
+        settings: Settings,
+        devices: Devices,
+        engines: Engines,
+        spool: Spool,
+        *,
+        notifier: Notifier | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.devices = devices
+        self.engines = engines
+        self.spool = spool
+        self.notifier = notifier or Notifier()
+        self.watchdog = HealthWatchdog.from_env(self.notifier, clock=clock)
+        self._microphone = _PulsingMicrophone(devices.microphone, self.watchdog.beat, self.notifier)
+        self.listener = Listener(self._microphone, devices.button, settings.listening)
+        assert settings.device_id is not None
+        self.interaction = Interaction(
+            device_id=settings.device_id,
+            spool=spool,
+            engines=engines,
+            speaker=devices.speaker,
+            indicator=devices.indicator,
+            clock=clock,
+        )
+        self._playback_stop = asyncio.Event()
+
+    async def start(self) -> None:
+        """Load what must be warm before the first turn, then tell systemd we are ready."""
+        if self.settings.engines.preload:
+            self.notifier.status("loading speech models")
+            started = time.monotonic()
+            await self.engines.load()
+            log.info("speech models loaded in %.1f s", time.monotonic() - started)
+        if not self.devices.camera.available:
+            log.warning("no camera: captures will hold audio only")
+        self.devices.indicator.show(IndicatorState.IDLE)
+        self.notifier.ready(f"listening ({self.settings.listening.mode})")
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        """Turn after turn until `stop` is set; an error in one turn never ends the loop."""
+        watchdog = asyncio.create_task(self.watchdog.run(), name="watchdog")
+        try:
+            while not stop.is_set():
+                turn = asyncio.create_task(self.one_turn(), name="turn")
+                stopped = asyncio.create_task(stop.wait())
+                await asyncio.wait({turn, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                stopped.cancel()
+                if stop.is_set() and not turn.done():
+                    await self._finish_for_stop(turn)
+                    break
+                self._report(turn)
+        finally:
+            self.notifier.stopping("finishing the current capture")
+            watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watchdog
+
+    async def _finish_for_stop(self, turn: asyncio.Task[TurnResult | None]) -> None:
+        """On SIGTERM: end the capture now, cut playback, and let the spool finish writing."""
+        self.listener.finish()
+        self._playback_stop.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(turn), timeout=self.settings.stop_grace_s)
+        except TimeoutError:
+            log.error("current turn did not finish within %.0f s of SIGTERM", self.settings.stop_grace_s)
+            turn.cancel()
+        self._report(turn)
+
+    def _report(self, turn: asyncio.Task[TurnResult | None]) -> None:
+        if turn.cancelled():
+            return
+        if (exc := turn.exception()) is not None:
+            log.error("turn failed; the loop carries on", exc_info=exc)
+            self.devices.indicator.show(IndicatorState.ERROR)
+
+    async def one_turn(self) -> TurnResult | None:
+        """Wait for a trigger, capture, and run the interaction on it."""
+        camera_done = asyncio.Event()
+        camera_task: asyncio.Task[list[bytes]] | None = None
+
+        def capture_started() -> None:
+            nonlocal camera_task
+            self.devices.indicator.show(IndicatorState.LISTENING)
+            self.notifier.status("capturing")
+            camera_task = asyncio.create_task(
+                frames_while(
+                    self.devices.camera,
+                    camera_done,
+                    self.settings.camera.frames if self.settings.camera.enabled else 0,
+                    self.settings.camera.interval_ms,
+                )
+            )
+
+        try:
+            utterance = await self.listener.next_utterance(on_start=capture_started)
+        finally:
+            camera_done.set()
+        frames = await camera_task if camera_task is not None else []
+        self.watchdog.beat()
+        if not utterance.has_speech:
+            log.info("capture ended (%s) without speech: nothing kept", utterance.reason.value)
+            self.devices.indicator.show(IndicatorState.IDLE)
+            self.notifier.status(f"listening ({self.settings.listening.mode})")
+            return None
+        self.notifier.status("answering")
+        self._playback_stop.clear()
+        barge_in = asyncio.create_task(self._watch_barge_in())
+        try:
+            result = await self.interaction.run(utterance, frames, self._playback_stop)
+        finally:
+            barge_in.cancel()
+            self._microphone.flush()  # our own voice is not the next utterance
+            if self.devices.button is not None:
+                self.devices.button.clear()
+        self.watchdog.beat()
+        log.info(
+            "capture %s: %r -> %r (%s)",
+            result.capture_id,
+            result.transcript,
+            result.reply,
+            ", ".join(f"{k} {v:.0f} ms" for k, v in result.timings_ms.items()),
+        )
+        self.notifier.status(f"listening ({self.settings.listening.mode})")
+        return result
+
+    async def _watch_barge_in(self) -> None:
+        """A press while the device is answering stops the playback."""
+        button = self.devices.button
+        if button is None:
+            return
+        button.clear()
+        while await button.next_event() is not ButtonEvent.PRESSED:
+            pass
+        log.info("button pressed while speaking: playback stopped")
+        self._playback_stop.set()

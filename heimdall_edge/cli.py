@@ -1,0 +1,314 @@
+"""The `heimdall-edge` command: run, demo, transcribe, say, captures, doctor.
+
+`--json` output is a stable contract: one JSON object (or list) on stdout,
+logs on stderr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+
+from heimdall_edge import builders
+from heimdall_edge.audio import AudioError, read_audio
+from heimdall_edge.devices.base import ButtonEvent, DeviceError
+from heimdall_edge.engines.base import EngineError
+from heimdall_edge.settings import Settings, SettingsError, load_settings
+from heimdall_edge.spool import SpoolError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
+captures_app = typer.Typer(help="List captures kept on the device, or show one.")
+app.add_typer(captures_app, name="captures")
+
+log = logging.getLogger("heimdall_edge")
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", help="Config file (default: $HEIMDALL_CONFIG or /etc/heimdall-edge/config.toml)."),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+
+EXPECTED_ERRORS = (SettingsError, AudioError, EngineError, DeviceError, SpoolError)
+
+
+class State:
+    config: Path | None = None
+    verbose: bool = False
+
+
+@app.callback()
+def main(
+    config: ConfigOption = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+) -> None:
+    State.config, State.verbose = config, verbose
+
+
+def _settings() -> Settings:
+    settings = load_settings(State.config)
+    level = logging.DEBUG if State.verbose else getattr(logging, settings.log_level)
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    # Third-party chatter stays quiet unless asked for.
+    for noisy in ("faster_whisper", "piper", "gpiozero", "botocore", "urllib3"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    builders.offline_environment()
+    return settings
+
+
+def _fail(exc: BaseException) -> NoReturn:
+    typer.echo(f"heimdall-edge: {exc}", err=True)
+    raise typer.Exit(2)
+
+
+def _run(coro: Any) -> Any:
+    try:
+        return asyncio.run(coro)
+    except EXPECTED_ERRORS as exc:
+        _fail(exc)
+
+
+def _emit(payload: Any) -> None:
+    typer.echo(json.dumps(payload, ensure_ascii=False, indent=None))
+
+
+def default_demo_input() -> Path:
+    return Path(str(resources.files("heimdall_edge") / "data" / "what_time_is_it.wav"))
+
+
+@app.command()
+def run(
+    simulate: Annotated[bool, typer.Option("--simulate", help="Simulated devices (mock GPIO, file microphone).")] = False,
+    inputs: Annotated[
+        list[Path] | None, typer.Option("--input", help="With --simulate: audio played into the microphone.")
+    ] = None,
+) -> None:
+    """Run the appliance (the systemd service)."""
+    try:
+        settings = _settings()
+    except SettingsError as exc:
+        _fail(exc)
+    _run(_serve(settings, simulate, inputs or []))
+
+
+async def _serve(settings: Settings, simulate: bool, inputs: list[Path]) -> None:
+    from heimdall_edge.appliance import Appliance
+
+    spool = builders.open_spool(settings)
+    if simulate:
+        devices = builders.build_simulated_devices(settings, inputs=inputs, realtime=True)
+    else:
+        devices = builders.build_devices(settings)
+    appliance = Appliance(settings, devices, builders.build_engines(settings), spool)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    if simulate:
+        loop.add_signal_handler(signal.SIGUSR1, lambda: asyncio.ensure_future(_click(devices)))
+    try:
+        await appliance.start()
+        log.info("ready: listening in %s mode", settings.listening.mode)
+        await appliance.serve(stop)
+    finally:
+        await devices.aclose()
+    log.info("stopped cleanly")
+
+
+async def _click(devices: Any) -> None:
+    """SIGUSR1 under --simulate: a short press of the mock button."""
+    await press_mock_button(devices.button, hold_s=0.1)
+
+
+async def press_mock_button(button: Any, hold_s: float) -> None:
+    pin = button.pin  # a gpiozero MockPin in simulation
+    pin.drive_low()
+    await asyncio.sleep(hold_s)
+    pin.drive_high()
+
+
+@app.command()
+def demo(
+    input: Annotated[Path | None, typer.Option("--input", help="Audio the simulated person says (WAV/FLAC).")] = None,
+    json_out: JsonOption = False,
+) -> None:
+    """One whole interaction on simulated hardware: press, speak, transcribe, reply, speak, keep."""
+    try:
+        settings = _settings()
+        audio_path = input or default_demo_input()
+        read_audio(audio_path)  # a bad file fails here, clearly, before anything loads
+    except EXPECTED_ERRORS as exc:
+        _fail(exc)
+    result = _run(_demo(settings, audio_path))
+    if result is None:
+        _fail(RuntimeError(f"no speech heard in {audio_path}: nothing to answer"))
+    if json_out:
+        payload = result.to_json()
+        payload.pop("error") if payload["error"] is None else None
+        _emit(payload)
+        return
+    timings = result.timings_ms
+    typer.echo(f"heard:   {result.transcript!r}  ({result.engines.get('stt')}, {timings.get('transcribe', 0):.0f} ms)")
+    typer.echo(f"reply:   {result.reply!r}  ({result.engines.get('reply')})")
+    typer.echo(
+        f"spoke:   {result.engines.get('tts')}, first audio {timings.get('end_to_first_audio', 0):.0f} ms "
+        "after the end of the utterance"
+    )
+    typer.echo(f"capture: {result.capture_id} in {settings.spool_dir} (pending sync)")
+
+
+async def _demo(settings: Settings, audio_path: Path) -> Any:
+    from heimdall_edge.appliance import Appliance
+
+    settings = settings.model_copy(update={"listening": settings.listening.model_copy(update={"mode": "button"})})
+    spool = builders.open_spool(settings)
+    devices = builders.build_simulated_devices(settings, inputs=[audio_path], realtime=False)
+    appliance = Appliance(settings, devices, builders.build_engines(settings), spool)
+    try:
+        await appliance.start()
+        # The simulated person taps the button, then speaks.
+        devices.button.pin.drive_low()
+        devices.button.pin.drive_high()
+        return await appliance.one_turn()
+    finally:
+        await devices.aclose()
+
+
+@app.command()
+def transcribe(audio: Annotated[Path, typer.Argument(help="WAV or FLAC file.")], json_out: JsonOption = False) -> None:
+    """Transcribe an audio file with the on-device engine."""
+    try:
+        settings = _settings()
+        clip = read_audio(audio)
+    except EXPECTED_ERRORS as exc:
+        _fail(exc)
+    engine = builders.build_engines(settings).stt
+
+    async def go() -> tuple[str, str, float]:
+        await engine.load()
+        started = time.perf_counter()
+        transcript = await engine.transcribe(clip)
+        return transcript.text, transcript.engine, (time.perf_counter() - started) * 1000
+
+    text, name, latency_ms = _run(go())
+    if json_out:
+        _emit({"text": text, "engine": name, "latency_ms": round(latency_ms, 1)})
+    else:
+        typer.echo(text)
+
+
+@app.command()
+def say(
+    text: Annotated[str, typer.Argument(help="What to say.")],
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Write a WAV file instead of playing.")] = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Speak text through the speaker (or into a WAV file)."""
+    if not text.strip():
+        _fail(ValueError("nothing to say: give some text"))
+    try:
+        settings = _settings()
+    except SettingsError as exc:
+        _fail(exc)
+    payload = _run(_say(settings, text, output))
+    if json_out:
+        _emit(payload)
+    elif output is not None:
+        typer.echo(f"wrote {payload['audio_seconds']:.2f} s of speech to {output}")
+
+
+async def _say(settings: Settings, text: str, output: Path | None) -> dict[str, Any]:
+    from heimdall_edge.devices.speaker import PyAudioSpeaker, WavFileSpeaker
+    from heimdall_edge.streams import prefetch
+
+    engine = builders.build_engines(settings).tts
+    await engine.load()
+    speaker = WavFileSpeaker(output, realtime=False) if output else PyAudioSpeaker(settings.speaker)
+    started = time.monotonic()
+    try:
+        playback = await speaker.play(prefetch(engine.synthesize(text)), asyncio.Event())
+    finally:
+        await speaker.aclose()
+    first = playback.first_audio_at
+    return {
+        "engine": engine.name,
+        "cached": False,
+        "first_audio_ms": round((first - started) * 1000, 1) if first else None,
+        "audio_seconds": round(playback.seconds, 3),
+    }
+
+
+@captures_app.callback(invoke_without_command=True)
+def captures(ctx: typer.Context, json_out: JsonOption = False, limit: Annotated[int, typer.Option(help="Most to list.")] = 50) -> None:
+    """List the newest captures and how many wait to sync."""
+    if ctx.invoked_subcommand is not None:
+        return
+    try:
+        spool = builders.open_spool(_settings())
+        records = spool.list(limit=limit)
+        counts = spool.counts()
+    except EXPECTED_ERRORS as exc:
+        _fail(exc)
+    if json_out:
+        _emit([_summary(r) for r in records])
+        return
+    typer.echo(", ".join(f"{n} {state}" for state, n in sorted(counts.items())) or "no captures")
+    for record in records:
+        typer.echo(f"{record.capture_id}  {record.sync_state:8} {record.status:9} {record.transcript or '-'!r}")
+
+
+@captures_app.command("show")
+def captures_show(capture_id: str, json_out: JsonOption = False) -> None:
+    """Everything recorded about one capture."""
+    try:
+        spool = builders.open_spool(_settings())
+        record = spool.get(capture_id)
+    except EXPECTED_ERRORS as exc:
+        _fail(exc)
+    payload = record.to_dict() | {"path": str(spool.path(capture_id))}
+    if json_out:
+        _emit(payload)
+    else:
+        for key, value in payload.items():
+            typer.echo(f"{key:12} {value}")
+
+
+def _summary(record: Any) -> dict[str, Any]:
+    return {
+        "capture_id": record.capture_id,
+        "created_at": record.created_at,
+        "trigger": record.trigger,
+        "status": record.status,
+        "sync_state": record.sync_state,
+        "transcript": record.transcript,
+        "reply": record.reply,
+    }
+
+
+@app.command()
+def doctor() -> None:
+    """Check settings, devices, models, disk and credentials: one line each, with the fix."""
+    from heimdall_edge.doctor import Level, run_checks
+
+    try:
+        settings = _settings()
+    except SettingsError as exc:
+        typer.echo(f"FAIL settings: {exc}")
+        raise typer.Exit(1) from None
+    worst = Level.OK
+    for check in run_checks(settings, State.config):
+        typer.echo(check.line())
+        worst = max(worst, check.level)
+    raise typer.Exit(1 if worst is Level.FAIL else 0)
+
+
+if __name__ == "__main__":
+    app()

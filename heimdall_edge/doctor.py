@@ -1,0 +1,181 @@
+"""`heimdall-edge doctor`: one line per thing that must be right, with the fix."""
+
+from __future__ import annotations
+
+import enum
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from heimdall_edge.engines.base import EngineError
+from heimdall_edge.models import piper_voice_files, whisper_model_dir
+from heimdall_edge.settings import Settings, config_path
+
+DISK_WARN_BYTES = 500 * 1024**2
+DISK_FAIL_BYTES = 50 * 1024**2
+
+
+class Level(enum.IntEnum):
+    OK = 0
+    WARN = 1
+    FAIL = 2
+
+
+@dataclass(frozen=True)
+class Check:
+    level: Level
+    name: str
+    detail: str
+
+    def line(self) -> str:
+        return f"{self.level.name:4} {self.name}: {self.detail}"
+
+
+def run_checks(settings: Settings, explicit_config: Path | None) -> Iterator[Check]:
+    checks: list[Callable[[Settings], Check]] = [
+        lambda s: _config(explicit_config),
+        _state_dir,
+        _disk,
+        _whisper,
+        _piper,
+        _microphone,
+        _speaker,
+        _camera,
+        _gpio,
+        *[_credential(name, env) for name, env in (("OpenAI", "openai_api_key"), ("ElevenLabs", "elevenlabs_api_key"))],
+    ]
+    for check in checks:
+        try:
+            yield check(settings)
+        except Exception as exc:  # a broken check is reported, never a crash
+            yield Check(Level.FAIL, getattr(check, "__name__", "check").strip("_"), f"check crashed: {exc}")
+
+
+def _config(explicit: Path | None) -> Check:
+    path, _ = config_path(explicit)
+    if path.is_file():
+        return Check(Level.OK, "settings", f"{path} is valid")
+    return Check(Level.WARN, "settings", f"{path} not found: using defaults (copy config.example.toml there)")
+
+
+def _state_dir(settings: Settings) -> Check:
+    from heimdall_edge.builders import prepare_state_dir
+
+    try:
+        state = prepare_state_dir(settings)
+    except Exception as exc:
+        return Check(Level.FAIL, "state dir", str(exc))
+    mode = state.stat().st_mode & 0o777
+    if mode & 0o077:
+        return Check(Level.WARN, "state dir", f"{state} is mode {mode:o}: run `chmod 700 {state}`")
+    return Check(Level.OK, "state dir", f"{state} (private)")
+
+
+def _disk(settings: Settings) -> Check:
+    free = shutil.disk_usage(settings.state_dir).free
+    text = f"{free / 1024**3:.1f} GiB free under {settings.state_dir}"
+    if free < DISK_FAIL_BYTES:
+        return Check(Level.FAIL, "disk", f"{text}: free space or captures cannot be kept")
+    if free < DISK_WARN_BYTES:
+        return Check(Level.WARN, "disk", f"{text}: running low")
+    return Check(Level.OK, "disk", text)
+
+
+def _model_check(name: str, find: Callable[[], Path]) -> Check:
+    try:
+        return Check(Level.OK, name, str(find()))
+    except EngineError as exc:
+        return Check(Level.FAIL, name, str(exc))
+
+
+def _whisper(settings: Settings) -> Check:
+    return _model_check("speech-to-text model", lambda: whisper_model_dir(settings.models, settings.stt.model))
+
+
+def _piper(settings: Settings) -> Check:
+    return _model_check("text-to-speech voice", lambda: piper_voice_files(settings.models, settings.tts.voice).onnx)
+
+
+def _portaudio_devices(direction: str) -> list[str]:
+    import pyaudio
+
+    audio = pyaudio.PyAudio()
+    try:
+        key = "maxInputChannels" if direction == "input" else "maxOutputChannels"
+        infos = [audio.get_device_info_by_index(i) for i in range(audio.get_device_count())]
+        return [str(info["name"]) for info in infos if int(info[key]) > 0]
+    finally:
+        audio.terminate()
+
+
+def _audio_device(settings: Settings, direction: str, wanted: str | int | None) -> Check:
+    name = "microphone" if direction == "input" else "speaker"
+    devices = _portaudio_devices(direction)
+    if not devices:
+        return Check(Level.FAIL, name, f"no {direction} device: plug one in and check `arecord -l` / `aplay -l`")
+    if wanted is None:
+        return Check(Level.OK, name, f"default device ({len(devices)} available: {', '.join(devices[:4])})")
+    if isinstance(wanted, int):
+        found = wanted < len(devices)
+    else:
+        found = any(wanted.lower() in d.lower() for d in devices)
+    if not found:
+        return Check(Level.FAIL, name, f"{wanted!r} not found among {devices}: fix [{name}] device")
+    return Check(Level.OK, name, f"{wanted!r} found")
+
+
+def _microphone(settings: Settings) -> Check:
+    return _audio_device(settings, "input", settings.microphone.device)
+
+
+def _speaker(settings: Settings) -> Check:
+    return _audio_device(settings, "output", settings.speaker.device)
+
+
+def _camera(settings: Settings) -> Check:
+    if not settings.camera.enabled:
+        return Check(Level.OK, "camera", "disabled in settings")
+    try:
+        from picamera2 import Picamera2  # type: ignore[import-not-found]
+    except ImportError:
+        return Check(
+            Level.WARN,
+            "camera",
+            "picamera2 not importable: captures will be audio only "
+            "(on the Pi: apt install python3-picamera2, venv with --system-site-packages)",
+        )
+    cameras = Picamera2.global_camera_info()
+    if not cameras:
+        return Check(Level.WARN, "camera", "no camera attached: check the ribbon cable and `rpicam-hello --list-cameras`")
+    return Check(Level.OK, "camera", f"{cameras[0].get('Model', 'camera')} attached")
+
+
+def _gpio(settings: Settings) -> Check:
+    from gpiozero import Device
+    from gpiozero.exc import BadPinFactory
+
+    try:
+        factory = Device.pin_factory or Device._default_pin_factory()
+    except BadPinFactory:
+        return Check(
+            Level.FAIL,
+            "gpio",
+            f"no GPIO pin driver: button GPIO{settings.button.pin} cannot work "
+            "(on the Pi: apt install python3-lgpio; elsewhere use `run --simulate`)",
+        )
+    return Check(Level.OK, "gpio", f"{type(factory).__name__}: button GPIO{settings.button.pin}, LED GPIO{settings.led.pin}")
+
+
+def _credential(label: str, field: str) -> Callable[[Settings], Check]:
+    def check(settings: Settings) -> Check:
+        if getattr(settings.secrets, field) is not None:
+            return Check(Level.OK, f"{label} key", "set (not shown)")
+        return Check(
+            Level.WARN,
+            f"{label} key",
+            f"not set: the {label} cloud engine is off (set {field.upper()} or LoadCredential={field})",
+        )
+
+    check.__name__ = f"_{label.lower()}_key"
+    return check

@@ -1,0 +1,235 @@
+"""One turn, stage by stage: keep -> transcribe -> reply -> speak -> record.
+
+The capture is on disk before anything else happens. Each later stage may fail
+on its own; the person then hears a short message (or an earcon if even speech
+fails) and the journal gets the detail. Every stage is timed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from heimdall_edge.audio import Audio, resample, wav_bytes
+from heimdall_edge.devices.base import Indicator, IndicatorState, Playback, Speaker
+from heimdall_edge.earcon import ERROR_EARCON
+from heimdall_edge.engines.base import ReplyEngine, ReplyRequest, SpeechToText, TextToSpeech
+from heimdall_edge.listening import Utterance
+from heimdall_edge.spool import Spool, SpoolFullError
+from heimdall_edge.streams import prefetch
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+
+SAY_NOT_UNDERSTOOD = "Sorry, I couldn't make that out. I kept the recording."
+SAY_NO_REPLY = "I kept that, but I can't answer right now."
+SAY_STORAGE_FULL = "My storage is full, so I couldn't keep that."
+
+
+@dataclass
+class Engines:
+    """The engines one turn uses, one per stage."""
+
+    stt: SpeechToText
+    reply: ReplyEngine
+    tts: TextToSpeech
+
+    async def load(self) -> None:
+        await asyncio.gather(self.stt.load(), self.tts.load())
+
+
+@dataclass
+class TurnResult:
+    capture_id: str | None
+    transcript: str | None = None
+    reply: str | None = None
+    engines: dict[str, str] = field(default_factory=dict)
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+    interrupted: bool = False
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "capture_id": self.capture_id,
+            "transcript": self.transcript,
+            "reply": self.reply,
+            "engines": self.engines,
+            "timings_ms": {k: round(v, 1) for k, v in self.timings_ms.items()},
+            "error": self.error,
+        }
+
+
+class Stopwatch:
+    """Per-stage timings in milliseconds, from an injected clock."""
+
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+        self.timings_ms: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        started = self._clock()
+        try:
+            yield
+        finally:
+            self.timings_ms[name] = (self._clock() - started) * 1000
+
+
+class Interaction:
+    """Runs turns; owns nothing long-lived, so the appliance can build it once."""
+
+    def __init__(
+        self,
+        *,
+        device_id: str,
+        spool: Spool,
+        engines: Engines,
+        speaker: Speaker,
+        indicator: Indicator,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self._device_id = device_id
+        self._spool = spool
+        self._engines = engines
+        self._speaker = speaker
+        self._indicator = indicator
+        self._clock = clock
+
+    async def run(self, utterance: Utterance, frames: list[bytes], stop: asyncio.Event) -> TurnResult:
+        watch = Stopwatch(self._clock)
+        watch.timings_ms["listen"] = utterance.audio.seconds * 1000
+        self._indicator.show(IndicatorState.THINKING)
+        with watch.stage("keep"):
+            try:
+                record = await asyncio.to_thread(
+                    self._spool.create,
+                    device_id=self._device_id,
+                    trigger=utterance.trigger,
+                    audio_wav=utterance.audio.to_wav(),
+                    frames=frames,
+                )
+            except SpoolFullError as exc:
+                log.error("capture not kept: %s", exc)
+                await self._say(SAY_STORAGE_FULL, stop)
+                return TurnResult(None, error=str(exc), timings_ms=watch.timings_ms)
+        result = TurnResult(record.capture_id, timings_ms=watch.timings_ms)
+        try:
+            await self._understand_and_answer(result, utterance, frames, stop, watch)
+        finally:
+            with watch.stage("record"):
+                await self._record(result)
+            self._indicator.show(IndicatorState.ERROR if result.error else IndicatorState.IDLE)
+        return result
+
+    async def _understand_and_answer(
+        self,
+        result: TurnResult,
+        utterance: Utterance,
+        frames: list[bytes],
+        stop: asyncio.Event,
+        watch: Stopwatch,
+    ) -> None:
+        engines = self._engines
+        with watch.stage("transcribe"):
+            try:
+                transcript = await engines.stt.transcribe(utterance.audio)
+            except Exception as exc:
+                log.exception("speech-to-text failed for capture %s", result.capture_id)
+                result.error = f"transcribe: {exc}"
+                await self._speak(result, SAY_NOT_UNDERSTOOD, utterance, stop, watch)
+                return
+        result.transcript = transcript.text
+        result.engines["stt"] = transcript.engine
+        with watch.stage("reply"):
+            request = ReplyRequest(
+                transcript=transcript.text,
+                capture_id=result.capture_id or "",
+                image_jpeg=frames[-1] if frames else None,
+                status={"pending_captures": str(await asyncio.to_thread(self._pending_count))},
+            )
+            try:
+                reply = await engines.reply.reply(request)
+                result.reply, result.engines["reply"] = reply.text, reply.engine
+            except Exception as exc:
+                log.exception("reply failed for capture %s", result.capture_id)
+                result.error = f"reply: {exc}"
+                result.reply = SAY_NO_REPLY
+        await self._speak(result, result.reply or SAY_NO_REPLY, utterance, stop, watch)
+
+    async def _speak(
+        self, result: TurnResult, text: str, utterance: Utterance, stop: asyncio.Event, watch: Stopwatch
+    ) -> None:
+        """Speak `text`, keep what was played as reply.wav, and time the first audio."""
+        played: list[Audio] = []
+        self._indicator.show(IndicatorState.SPEAKING)
+        with watch.stage("speak"):
+            try:
+                playback = await self._speaker.play(_tee(prefetch(self._engines.tts.synthesize(text)), played), stop)
+                result.engines["tts"] = self._engines.tts.name
+            except Exception as exc:
+                log.exception("text-to-speech failed for capture %s", result.capture_id)
+                result.error = result.error or f"speak: {exc}"
+                playback = await self._speaker.play(_once(ERROR_EARCON), stop)
+        result.interrupted = playback.interrupted
+        if playback.first_audio_at is not None:
+            watch.timings_ms["end_to_first_audio"] = (playback.first_audio_at - utterance.ended_at) * 1000
+        if played and result.capture_id:
+            await asyncio.to_thread(self._spool.add_file, result.capture_id, "reply.wav", _join(played))
+
+    async def _say(self, text: str, stop: asyncio.Event) -> Playback:
+        """A message outside any capture (e.g. storage full): speech, else an earcon."""
+        try:
+            return await self._speaker.play(prefetch(self._engines.tts.synthesize(text)), stop)
+        except Exception:
+            log.exception("could not speak %r", text)
+            return await self._speaker.play(_once(ERROR_EARCON), stop)
+
+    async def _record(self, result: TurnResult) -> None:
+        if result.capture_id is None:
+            return
+        try:
+            await asyncio.to_thread(
+                self._spool.update,
+                result.capture_id,
+                transcript=result.transcript,
+                reply=result.reply,
+                engines=result.engines,
+                timings_ms=result.timings_ms,
+                status="failed" if result.error else "complete",
+                error=result.error,
+            )
+        except Exception:
+            # The audio is already safe; losing the metadata update must not kill the loop.
+            log.exception("could not record the outcome of capture %s", result.capture_id)
+
+    def _pending_count(self) -> int:
+        return self._spool.counts().get("pending", 0)
+
+
+async def _tee(chunks: AsyncIterator[Audio], sink: list[Audio]) -> AsyncIterator[Audio]:
+    async for chunk in chunks:
+        sink.append(chunk)
+        yield chunk
+
+
+async def _once(audio: Audio) -> AsyncIterator[Audio]:
+    yield audio
+
+
+def _join(chunks: list[Audio]) -> bytes:
+    """One WAV at the first chunk's rate (an earcon may come at another rate)."""
+    rate = chunks[0].sample_rate
+    parts = []
+    for chunk in chunks:
+        samples = np.frombuffer(chunk.pcm, dtype=np.int16)
+        if chunk.sample_rate != rate:
+            samples = (resample(samples.astype(np.float32) / 32768, chunk.sample_rate, rate) * 32767).astype(np.int16)
+        parts.append(samples.tobytes())
+    return wav_bytes(b"".join(parts), rate)

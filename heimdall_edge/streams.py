@@ -1,0 +1,42 @@
+"""Small async-iterator tools for audio streams."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import TypeVar
+
+T = TypeVar("T")
+_END = object()
+
+
+async def prefetch(source: AsyncIterator[T], depth: int = 8) -> AsyncIterator[T]:
+    """Run `source` ahead of its consumer, so sentence two is synthesized while sentence one plays.
+
+    An error in the source is raised to the consumer; leaving early cancels the source.
+    """
+    queue: asyncio.Queue[object] = asyncio.Queue(depth)
+
+    async def pump() -> None:
+        try:
+            async for item in source:
+                await queue.put(item)
+        except Exception as exc:  # handed to the consumer, which raises it
+            await queue.put(exc)
+        else:
+            await queue.put(_END)
+
+    task = asyncio.create_task(pump())
+    try:
+        while (item := await queue.get()) is not _END:
+            if isinstance(item, Exception):
+                raise item
+            yield item  # type: ignore[misc]
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        aclose = getattr(source, "aclose", None)
+        if aclose is not None:
+            await aclose()

@@ -1,0 +1,68 @@
+"""Shared fixtures: where the real models and recordings are, and isolated settings."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from heimdall_edge.engines.faster_whisper import FasterWhisperEngine
+from heimdall_edge.engines.piper import PiperEngine
+from heimdall_edge.settings import SpeechToTextSettings, TextToSpeechSettings
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _shared_dir(env: str, name: str) -> Path:
+    path = Path(os.environ.get(env) or REPO.parent / "shared" / name)
+    if not path.is_dir():
+        pytest.fail(f"{name} not found at {path}: set {env} (CI sets it to ../shared/{name})")
+    return path
+
+
+@pytest.fixture(scope="session")
+def models_dir() -> Path:
+    return _shared_dir("HEIMDALL_MODELS_DIR", "models")
+
+
+@pytest.fixture(scope="session")
+def speech_dir() -> Path:
+    return _shared_dir("HEIMDALL_SPEECH_DIR", "speech")
+
+
+@pytest.fixture(scope="session")
+def transcripts(speech_dir: Path) -> dict[str, str]:
+    lines = (speech_dir / "transcripts.tsv").read_text().splitlines()
+    return dict(line.split("\t", 1) for line in lines if line.strip())
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test reads the machine's /etc config or writes /var/lib."""
+    for name in list(os.environ):
+        if name.startswith("HEIMDALL_") and name not in ("HEIMDALL_MODELS_DIR", "HEIMDALL_SPEECH_DIR"):
+            monkeypatch.delenv(name)
+    for name in ("OPENAI_API_KEY", "ELEVENLABS_API_KEY", "CREDENTIALS_DIRECTORY", "NOTIFY_SOCKET", "WATCHDOG_USEC"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HEIMDALL_CONFIG", str(tmp_path / "no-config.toml"))
+    monkeypatch.delenv("HEIMDALL_CONFIG")
+    monkeypatch.setenv("HEIMDALL_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest_asyncio.fixture(scope="session")
+async def whisper(models_dir: Path) -> FasterWhisperEngine:
+    """The real tiny.en model, loaded once for the whole run."""
+    engine = FasterWhisperEngine(SpeechToTextSettings(), models_dir)
+    await engine.load()
+    return engine
+
+
+@pytest_asyncio.fixture(scope="session")
+async def piper(models_dir: Path) -> PiperEngine:
+    """The real en_US-joe-medium voice, loaded once for the whole run."""
+    engine = PiperEngine(TextToSpeechSettings(), models_dir)
+    await engine.load()
+    return engine

@@ -1,0 +1,121 @@
+"""Settings: TOML, environment overrides, credentials, and errors that name the key."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from heimdall_edge import settings as settings_module
+from heimdall_edge.settings import Settings, SettingsError, load_settings, machine_device_id, read_secrets
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_without_a_config_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(settings_module, "DEFAULT_CONFIG", tmp_path / "absent.toml")
+    settings = load_settings()
+    assert settings.listening.mode == "both"
+    assert settings.listening.silence_ms == 700
+    assert settings.state_dir == tmp_path / "state"
+    assert settings.models == tmp_path / "state" / "models"
+    assert settings.device_id and settings.device_id.startswith("heimdall-")
+
+
+def test_toml_then_environment_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, '[listening]\nmode = "voice"\nsilence_ms = 500\n[button]\npin = 5\n')
+    monkeypatch.setenv("HEIMDALL_LISTENING__SILENCE_MS", "900")
+    monkeypatch.setenv("HEIMDALL_DEVICE_ID", "porch-pi")
+    settings = load_settings(path)
+    assert (settings.listening.mode, settings.listening.silence_ms) == ("voice", 900)
+    assert settings.button.pin == 5
+    assert settings.device_id == "porch-pi"
+
+
+def test_heimdall_config_variable_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HEIMDALL_CONFIG", str(write(tmp_path, "[camera]\nframes = 1\n")))
+    assert load_settings().camera.frames == 1
+
+
+def test_settings_are_frozen(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, ""))
+    with pytest.raises(Exception):
+        settings.listening.mode = "voice"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('[listening]\nmode = "loud"\n', "listening.mode = 'loud': Input should be 'button', 'voice' or 'both'"),
+        ("[listening]\nsilence_ms = -1\n", "listening.silence_ms = -1: Input should be greater than or equal to 0"),
+        ("[button]\npin = 40\n", "button.pin = 40: Input should be less than or equal to 27"),
+        ("[listening]\nsilense_ms = 100\n", "listening.silense_ms: unknown key"),
+        ('device_id = "bad id!"\n', "device_id = 'bad id!'"),
+    ],
+)
+def test_bad_values_name_key_value_and_what_is_allowed(tmp_path: Path, text: str, expected: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings(write(tmp_path, text))
+    assert expected in str(caught.value)
+
+
+def test_bad_environment_value_names_the_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HEIMDALL_LISTENING__MAX_MS", "lots")
+    with pytest.raises(SettingsError, match="HEIMDALL_LISTENING__MAX_MS"):
+        load_settings(write(tmp_path, ""))
+
+
+def test_broken_toml_and_missing_explicit_file(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="not valid TOML"):
+        load_settings(write(tmp_path, "[listening\n"))
+    with pytest.raises(SettingsError, match="does not exist"):
+        load_settings(tmp_path / "nope.toml")
+
+
+def test_secrets_are_refused_in_the_file(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="keep API keys out of the config"):
+        load_settings(write(tmp_path, '[secrets]\nopenai_api_key = "sk-x"\n'))
+
+
+def test_secrets_from_environment_then_credentials_never_shown(tmp_path: Path) -> None:
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "elevenlabs_api_key").write_text("el-canary-123\n")
+    secrets = read_secrets({"OPENAI_API_KEY": "sk-canary-456", "CREDENTIALS_DIRECTORY": str(creds)})
+    assert secrets.openai_api_key is not None and secrets.openai_api_key.get_secret_value() == "sk-canary-456"
+    assert secrets.elevenlabs_api_key is not None
+    assert secrets.elevenlabs_api_key.get_secret_value() == "el-canary-123"
+    settings = Settings(secrets=secrets)
+    shown = repr(settings) + str(settings) + settings.model_dump_json()
+    assert "canary" not in shown
+
+
+def test_device_id_is_a_hash_not_the_machine_id(tmp_path: Path) -> None:
+    machine_id = tmp_path / "machine-id"
+    machine_id.write_text("0123456789abcdef0123456789abcdef\n")
+    device_id = machine_device_id(machine_id)
+    assert device_id == machine_device_id(machine_id)
+    assert "0123456789abcdef" not in device_id
+
+
+def test_example_config_is_valid_and_lists_every_key() -> None:
+    example = REPO / "config.example.toml"
+    data = tomllib.loads(example.read_text())
+    assert Settings(**data) == Settings(**{k: v for k, v in Settings().model_dump().items() if k != "secrets"})
+    text = example.read_text()
+    for section, field in Settings.model_fields.items():
+        if section == "secrets":
+            continue
+        if hasattr(type(field.default), "model_fields"):
+            assert f"[{section}]" in text
+            for key in type(field.default).model_fields:
+                assert f"{key} =" in text, f"{section}.{key} missing from config.example.toml"
+        else:
+            assert f"{section} =" in text, f"{section} missing from config.example.toml"
