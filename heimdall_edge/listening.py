@@ -31,6 +31,7 @@ class EndReason(enum.Enum):
     NO_SPEECH = "no_speech"  # nobody spoke within no_speech_timeout_ms of the trigger
     CANCELLED = "cancelled"  # long press before any speech
     MIC_ENDED = "mic_ended"  # a finite source ran out; what was heard is kept
+    STOPPED = "stopped"  # Listener.finish(): the service is stopping; what was heard is kept
 
 
 @dataclass(frozen=True)
@@ -42,8 +43,9 @@ class Utterance:
     speech_ms: int
     """Speech frames heard (counted once the minimum speech was reached), in ms."""
     speech_end_ms: int | None
-    """Offset in `audio` where the last speech frame ended; None without speech.
-    The start of the end-of-speech -> first-reply-audio latency."""
+    """Offset in `audio` where the last speech ended (webrtcvad's own tail taken
+    off once it fell silent); None without speech. Start of the end-of-speech ->
+    first-reply-audio latency."""
     ended_at: float
     """time.monotonic() when the capture ended."""
     min_speech_ms: int
@@ -54,9 +56,15 @@ class Utterance:
         return self.speech_ms >= self.min_speech_ms
 
 
-def frames_at_least(ms: int) -> int:
+def _frames_at_least(ms: int) -> int:
     """Frames covering at least `ms`: waits (silence, timeouts) never end early."""
     return -(-ms // FRAME_MS)
+
+
+# webrtcvad keeps saying "speech" for a few frames after speech stops (its own
+# hang-over, kOverHangMax2 in vad_core.c): with 30 ms frames, 5 frames in modes
+# 0-1 and 3 in modes 2-3. The Endpointer takes them off its own hang-over.
+WEBRTC_TAIL_FRAMES = (5, 5, 3, 3)
 
 
 def webrtc_vad(aggressiveness: int) -> Callable[[bytes], bool]:
@@ -77,17 +85,20 @@ class Endpointer:
 
     Speech counts only once `min_speech_ms` of speech frames fall within a short
     window (min speech plus half again, e.g. 8 of the last 12 frames): a click
-    or a knock of a frame or three never triggers or holds a capture, while the
-    unvoiced gaps inside real words do not reset the count.
+    or a knock of a frame or three never wakes the device or makes a capture
+    count as speech, while the unvoiced gaps inside real words do not reset the
+    count. Once speech is heard, any speech frame restarts the hang-over: a
+    click after the last word costs latency, but a word is never cut short.
 
     Defaults (ListeningSettings) and why:
     - pre_roll_ms 300: webrtcvad notices speech a frame or two late and soft
       onsets ("h", "f") score as noise; 300 ms keeps the first syllable.
     - min_speech_ms 240: shorter than the shortest command word ("yes", "stop")
       but longer than a click, a tap on the case or webrtcvad's start-up blip.
-    - silence_ms 700: Home Assistant's default; long enough for the pauses
-      between phrases of one sentence (up to ~550 ms in the test recordings),
-      short enough that the reply does not feel late.
+    - silence_ms 700: Home Assistant's default; long enough for the pause
+      between phrases of one sentence (the longest in the test recordings,
+      JFK's, is about 0.6 s), short enough that the reply does not feel late.
+      Counted from the real end of speech: webrtcvad's own tail is taken off.
     - max_ms 15000: Home Assistant's limit; a command is a sentence, and a
       stuck VAD (a fan, a TV) must not record forever.
     - no_speech_timeout_ms 5000: time to think after pressing the button.
@@ -99,13 +110,18 @@ class Endpointer:
         is_speech: Callable[[bytes], bool] | None = None,
     ) -> None:
         settings = settings or ListeningSettings()
-        self._is_speech = is_speech or webrtc_vad(settings.vad_aggressiveness)
-        self.min_speech_ms = settings.min_speech_ms
-        self._pre_roll = frames_at_least(settings.pre_roll_ms)
-        self._min_speech = max(1, frames_at_least(settings.min_speech_ms))
-        self._silence = max(1, frames_at_least(settings.silence_ms))
+        if is_speech is None:
+            is_speech = webrtc_vad(settings.vad_aggressiveness)
+            self._tail = WEBRTC_TAIL_FRAMES[settings.vad_aggressiveness]
+        else:
+            self._tail = 0  # a given is_speech is taken at its word
+        self._is_speech = is_speech
+        self._min_speech_ms = settings.min_speech_ms
+        self._pre_roll = _frames_at_least(settings.pre_roll_ms)
+        self._min_speech = max(1, _frames_at_least(settings.min_speech_ms))
+        self._silence = max(1, _frames_at_least(settings.silence_ms) - self._tail)
         self._max = settings.max_ms // FRAME_MS  # a limit: never longer than max_ms
-        self._no_speech = frames_at_least(settings.no_speech_timeout_ms)
+        self._no_speech = _frames_at_least(settings.no_speech_timeout_ms)
         window = self._min_speech + self._min_speech // 2
         # Idle ring: the onset window plus pre-roll before its first speech frame.
         self._ring: deque[tuple[bytes, bool]] = deque(maxlen=self._pre_roll + window)
@@ -128,10 +144,6 @@ class Endpointer:
     @property
     def capturing(self) -> bool:
         return self._capturing
-
-    @property
-    def trigger(self) -> Trigger:
-        return self._trigger
 
     @property
     def heard_speech(self) -> bool:
@@ -195,6 +207,8 @@ class Endpointer:
     def finish(self, reason: EndReason, ended_at: float) -> Utterance:
         """The capture so far as an Utterance; back to idle."""
         last = self._last_speech if self._heard else None
+        if last is not None and self._since_speech:
+            last -= self._tail  # the VAD's own hang-over was not speech
         utterance = Utterance(
             audio=Audio(b"".join(self._frames), SAMPLE_RATE),
             trigger=self._trigger,
@@ -202,7 +216,7 @@ class Endpointer:
             speech_ms=self._speech_frames * FRAME_MS,
             speech_end_ms=None if last is None else (last + 1) * FRAME_MS,
             ended_at=ended_at,
-            min_speech_ms=self.min_speech_ms,
+            min_speech_ms=self._min_speech_ms,
         )
         self.reset()
         return utterance
@@ -246,38 +260,57 @@ class Listener:
         self._button = button if settings.mode != "voice" else None
         self._endpointer = Endpointer(settings, is_speech)
         self._clock = clock
+        self._stopping = False
 
-    async def next_utterance(self) -> Utterance:
+    async def next_utterance(self, on_start: Callable[[], None] | None = None) -> Utterance:
         """Wait for a trigger and record until an EndReason.
 
-        Raises MicrophoneEnded if a finite source runs out before a trigger.
+        `on_start` is called as the capture starts (light the LED, start the
+        camera while the person speaks). Raises MicrophoneEnded if a finite
+        source runs out before a trigger.
         """
         endpointer = self._endpointer
         endpointer.reset()
         while not endpointer.capturing:
+            if self._stopping:
+                return self._finish(EndReason.STOPPED)
             frame = await self._mic.read()
             onset = endpointer.idle_feed(frame)
-            if self._button_event() is ButtonEvent.PRESSED:
+            if self._pressed():
                 endpointer.start("button")
             elif onset and self.mode != "button":
                 endpointer.start("voice")
-        while True:
+        if on_start is not None:
+            on_start()
+        while not self._stopping:
             try:
                 frame = await self._mic.read()
             except MicrophoneEnded:
-                return endpointer.finish(EndReason.MIC_ENDED, self._clock())
+                return self._finish(EndReason.MIC_ENDED)
             reason = endpointer.feed(frame) or self._button_reason()
             if reason is not None:
-                return endpointer.finish(reason, self._clock())
+                return self._finish(reason)
+        return self._finish(EndReason.STOPPED)
 
-    def _button_event(self) -> ButtonEvent | None:
-        """Drain queued events; PRESSED if the button was pressed (idle ignores the rest)."""
+    def finish(self) -> None:
+        """End the capture at the next frame, keeping what was heard (the service is stopping).
+
+        While idle, `next_utterance` returns an empty utterance without speech.
+        A call before `next_utterance` starts counts too, so a stop is never lost.
+        """
+        self._stopping = True
+
+    def _finish(self, reason: EndReason) -> Utterance:
+        self._stopping = False
+        return self._endpointer.finish(reason, self._clock())
+
+    def _pressed(self) -> bool:
+        """Drain queued events: was the button pressed? (Idle ignores releases and holds.)"""
         if self._button is None:
-            return None
-        pressed = None
+            return False
+        pressed = False
         while (event := self._button.pending()) is not None:
-            if event is ButtonEvent.PRESSED:
-                pressed = event
+            pressed = pressed or event is ButtonEvent.PRESSED
         return pressed
 
     def _button_reason(self) -> EndReason | None:
