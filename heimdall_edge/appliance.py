@@ -26,6 +26,7 @@ from heimdall_edge.spool import Spool
 log = logging.getLogger(__name__)
 
 MIC_STALL_S = 1.0  # a read this slow means the device is away: report it, keep the loop alive
+TURN_HEALTHY_S = 120.0  # a turn still running after this is wedged: stop vouching for it
 
 
 @dataclass
@@ -189,11 +190,12 @@ class Appliance:
             return None
         self.notifier.status("answering")
         self._playback_stop.clear()
-        barge_in = asyncio.create_task(self._watch_barge_in())
+        helpers = [asyncio.create_task(self._watch_barge_in()), asyncio.create_task(self._vouch_for_turn())]
         try:
             result = await self.interaction.run(utterance, frames, self._playback_stop)
         finally:
-            barge_in.cancel()
+            for helper in helpers:
+                helper.cancel()
             self._microphone.flush()  # our own voice is not the next utterance
             if self.devices.button is not None:
                 self.devices.button.clear()
@@ -207,6 +209,18 @@ class Appliance:
         )
         self.notifier.status(f"listening ({self.settings.listening.mode})")
         return result
+
+    async def _vouch_for_turn(self) -> None:
+        """Beat while a turn runs (inference can take seconds on a Pi), but only up to a bound.
+
+        The event loop is demonstrably alive while this runs; a turn that outlives
+        TURN_HEALTHY_S is stuck, so the pings stop and systemd restarts us.
+        """
+        deadline = time.monotonic() + TURN_HEALTHY_S
+        while time.monotonic() < deadline:
+            self.watchdog.beat()
+            await asyncio.sleep(1.0)
+        log.error("turn has run for over %.0f s: no longer healthy", TURN_HEALTHY_S)
 
     async def _watch_barge_in(self) -> None:
         """A press while the device is answering stops the playback."""

@@ -19,11 +19,12 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from heimdall_edge import builders
+from heimdall_edge.appliance import Devices
 from heimdall_edge.audio import AudioError, read_audio
-from heimdall_edge.devices.base import ButtonEvent, DeviceError
+from heimdall_edge.devices.base import DeviceError
 from heimdall_edge.engines.base import EngineError
 from heimdall_edge.settings import Settings, SettingsError, load_settings
-from heimdall_edge.spool import SpoolError
+from heimdall_edge.spool import CaptureRecord, SpoolError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 captures_app = typer.Typer(help="List captures kept on the device, or show one.")
@@ -91,48 +92,47 @@ def run(
         list[Path] | None, typer.Option("--input", help="With --simulate: audio played into the microphone.")
     ] = None,
 ) -> None:
-    """Run the appliance (the systemd service)."""
+    """Run the appliance (the systemd service). Under --simulate, SIGUSR1 presses the button."""
     try:
         settings = _settings()
-    except SettingsError as exc:
+        if simulate:
+            devices = builders.build_simulated_devices(settings, inputs=inputs or [], realtime=True)
+        else:
+            devices = builders.build_devices(settings)
+    except EXPECTED_ERRORS as exc:
         _fail(exc)
-    _run(_serve(settings, simulate, inputs or []))
+    _run(serve(settings, devices, simulate=simulate))
 
 
-async def _serve(settings: Settings, simulate: bool, inputs: list[Path]) -> None:
+async def serve(settings: Settings, devices: Devices, *, simulate: bool = False) -> None:
+    """The service until SIGTERM/SIGINT: start, serve turns, stop gracefully, close devices."""
     from heimdall_edge.appliance import Appliance
 
-    spool = builders.open_spool(settings)
-    if simulate:
-        devices = builders.build_simulated_devices(settings, inputs=inputs, realtime=True)
-    else:
-        devices = builders.build_devices(settings)
-    appliance = Appliance(settings, devices, builders.build_engines(settings), spool)
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    stop = asyncio.Event()
+    signals = [signal.SIGTERM, signal.SIGINT]
+    for signum in signals:
         loop.add_signal_handler(signum, stop.set)
     if simulate:
-        loop.add_signal_handler(signal.SIGUSR1, lambda: asyncio.ensure_future(_click(devices)))
+        signals.append(signal.SIGUSR1)
+        loop.add_signal_handler(signal.SIGUSR1, lambda: asyncio.ensure_future(press_mock_button(devices.button)))
     try:
+        appliance = Appliance(settings, devices, builders.build_engines(settings), builders.open_spool(settings))
         await appliance.start()
         log.info("ready: listening in %s mode", settings.listening.mode)
         await appliance.serve(stop)
     finally:
+        for signum in signals:
+            loop.remove_signal_handler(signum)
         await devices.aclose()
     log.info("stopped cleanly")
 
 
-async def _click(devices: Any) -> None:
-    """SIGUSR1 under --simulate: a short press of the mock button."""
-    await press_mock_button(devices.button, hold_s=0.1)
-
-
-async def press_mock_button(button: Any, hold_s: float) -> None:
-    pin = button.pin  # a gpiozero MockPin in simulation
-    pin.drive_low()
+async def press_mock_button(button: Any, hold_s: float = 0.1) -> None:
+    """A short press of a simulated (gpiozero MockPin) button."""
+    button.pin.drive_low()
     await asyncio.sleep(hold_s)
-    pin.drive_high()
+    button.pin.drive_high()
 
 
 @app.command()
@@ -281,16 +281,10 @@ def captures_show(capture_id: str, json_out: JsonOption = False) -> None:
             typer.echo(f"{key:12} {value}")
 
 
-def _summary(record: Any) -> dict[str, Any]:
-    return {
-        "capture_id": record.capture_id,
-        "created_at": record.created_at,
-        "trigger": record.trigger,
-        "status": record.status,
-        "sync_state": record.sync_state,
-        "transcript": record.transcript,
-        "reply": record.reply,
-    }
+def _summary(record: CaptureRecord) -> dict[str, Any]:
+    fields = ("capture_id", "created_at", "trigger", "status", "sync_state", "transcript", "reply")
+    data = record.to_dict()
+    return {key: data[key] for key in fields}
 
 
 @app.command()

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import enum
 import shutil
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from heimdall_edge.engines.base import EngineError
 from heimdall_edge.models import piper_voice_files, whisper_model_dir
@@ -97,40 +99,27 @@ def _piper(settings: Settings) -> Check:
     return _model_check("text-to-speech voice", lambda: piper_voice_files(settings.models, settings.tts.voice).onnx)
 
 
-def _portaudio_devices(direction: str) -> list[str]:
-    import pyaudio
+def _audio_device(direction: Literal["input", "output"], wanted: str | int | None, setting: str) -> Check:
+    from heimdall_edge.devices.base import DeviceError
+    from heimdall_edge.devices.portaudio import find_device, quiet_portaudio
 
-    audio = pyaudio.PyAudio()
+    name = "microphone" if direction == "input" else "speaker"
+    audio = quiet_portaudio()
     try:
-        key = "maxInputChannels" if direction == "input" else "maxOutputChannels"
-        infos = [audio.get_device_info_by_index(i) for i in range(audio.get_device_count())]
-        return [str(info["name"]) for info in infos if int(info[key]) > 0]
+        _index, found = find_device(audio, wanted, direction, setting)
+    except DeviceError as exc:
+        return Check(Level.FAIL, name, str(exc))
     finally:
         audio.terminate()
-
-
-def _audio_device(settings: Settings, direction: str, wanted: str | int | None) -> Check:
-    name = "microphone" if direction == "input" else "speaker"
-    devices = _portaudio_devices(direction)
-    if not devices:
-        return Check(Level.FAIL, name, f"no {direction} device: plug one in and check `arecord -l` / `aplay -l`")
-    if wanted is None:
-        return Check(Level.OK, name, f"default device ({len(devices)} available: {', '.join(devices[:4])})")
-    if isinstance(wanted, int):
-        found = wanted < len(devices)
-    else:
-        found = any(wanted.lower() in d.lower() for d in devices)
-    if not found:
-        return Check(Level.FAIL, name, f"{wanted!r} not found among {devices}: fix [{name}] device")
-    return Check(Level.OK, name, f"{wanted!r} found")
+    return Check(Level.OK, name, repr(found))
 
 
 def _microphone(settings: Settings) -> Check:
-    return _audio_device(settings, "input", settings.microphone.device)
+    return _audio_device("input", settings.microphone.device, "microphone.device")
 
 
 def _speaker(settings: Settings) -> Check:
-    return _audio_device(settings, "output", settings.speaker.device)
+    return _audio_device("output", settings.speaker.device, "speaker.device")
 
 
 def _camera(settings: Settings) -> Check:
@@ -153,10 +142,12 @@ def _camera(settings: Settings) -> Check:
 
 def _gpio(settings: Settings) -> Check:
     from gpiozero import Device
-    from gpiozero.exc import BadPinFactory
+    from gpiozero.exc import BadPinFactory, PinFactoryFallback
 
     try:
-        factory = Device.pin_factory or Device._default_pin_factory()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PinFactoryFallback)
+            factory = Device.pin_factory or Device._default_pin_factory()
     except BadPinFactory:
         return Check(
             Level.FAIL,

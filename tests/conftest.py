@@ -46,9 +46,8 @@ def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
     for name in ("OPENAI_API_KEY", "ELEVENLABS_API_KEY", "CREDENTIALS_DIRECTORY", "NOTIFY_SOCKET", "WATCHDOG_USEC"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HEIMDALL_CONFIG", str(tmp_path / "no-config.toml"))
-    monkeypatch.delenv("HEIMDALL_CONFIG")
     monkeypatch.setenv("HEIMDALL_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("HEIMDALL_MODELS_DIR", str(_shared_dir("HEIMDALL_MODELS_DIR", "models")))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 

@@ -20,73 +20,14 @@ import numpy as np
 
 from heimdall_edge.audio import FRAME_BYTES, FRAME_MS, SAMPLE_RATE, frames, noise, read_audio
 from heimdall_edge.devices.base import DeviceError, MicrophoneEnded
+from heimdall_edge.devices.portaudio import FALLBACK_RATES, find_device, quiet_portaudio
 from heimdall_edge.settings import MicrophoneSettings
 
 log = logging.getLogger(__name__)
 
-FALLBACK_RATES = (48_000, 44_100)
-"""Rates tried, in order, when the card refuses 16 kHz (I2S mics and many HATs run at 48 kHz)."""
 QUEUED_FRAMES = 100
 """Frames kept while nobody reads (3 s); older ones are dropped first."""
 FIRST_BACKOFF_S = 0.5
-
-
-# --- PortAudio device lookup (shared with the speaker) -------------------------------------
-
-
-def list_devices(pa: Any, kind: Literal["input", "output"]) -> list[tuple[int, str]]:
-    """(index, name) of every PortAudio device that can record (or play)."""
-    key = "maxInputChannels" if kind == "input" else "maxOutputChannels"
-    found = []
-    for index in range(pa.get_device_count()):
-        info = pa.get_device_info_by_index(index)
-        if int(info.get(key, 0)) > 0:
-            found.append((index, str(info["name"])))
-    return found
-
-
-def describe_devices(devices: Iterable[tuple[int, str]]) -> str:
-    listed = ", ".join(f"{index}: {name!r}" for index, name in devices)
-    return listed or "none (is a sound card attached? `arecord -l` / `aplay -l` list them)"
-
-
-def find_device(
-    pa: Any, wanted: str | int | None, kind: Literal["input", "output"], setting: str
-) -> tuple[int, str]:
-    """(index, name) of the device a setting names: an index, part of a name, or None (default).
-
-    Raises DeviceError listing the devices there are, so a wrong name is fixed in one go.
-    """
-    devices = list_devices(pa, kind)
-    tool = "arecord -l" if kind == "input" else "aplay -l"
-    if wanted is None:
-        try:
-            info = (
-                pa.get_default_input_device_info()
-                if kind == "input"
-                else pa.get_default_output_device_info()
-            )
-        except OSError as exc:
-            raise DeviceError(
-                f"no default {kind} device ({exc}); {kind} devices: {describe_devices(devices)}. "
-                f"Set {setting} to one of them, and check `{tool}`"
-            ) from exc
-        return int(info["index"]), str(info["name"])
-    if isinstance(wanted, str) and wanted.strip().isdigit():
-        wanted = int(wanted)
-    if isinstance(wanted, int):
-        for index, name in devices:
-            if index == wanted:
-                return index, name
-    else:
-        needle = wanted.casefold()
-        for index, name in devices:
-            if needle in name.casefold():
-                return index, name
-    raise DeviceError(
-        f"{kind} device {wanted!r} not found; {kind} devices: {describe_devices(devices)}. "
-        f"Set {setting} to a name (or part of one) or an index from this list, and check `{tool}`"
-    )
 
 
 def choose_input_format(pa: Any, index: int, name: str, rate: int | None) -> tuple[int, int]:
@@ -170,9 +111,7 @@ class PyAudioInput:
     """
 
     def __init__(self, settings: MicrophoneSettings) -> None:
-        import pyaudio
-
-        self._pa = pyaudio.PyAudio()
+        self._pa = quiet_portaudio()
         try:
             index, self.name = find_device(self._pa, settings.device, "input", "microphone.device")
             self.rate, self.channels = choose_input_format(

@@ -18,7 +18,7 @@ import numpy as np
 
 from heimdall_edge.audio import SAMPLE_WIDTH, Audio
 from heimdall_edge.devices.base import DeviceError, Playback
-from heimdall_edge.devices.microphone import FALLBACK_RATES, find_device
+from heimdall_edge.devices.portaudio import FALLBACK_RATES, find_device, quiet_portaudio
 from heimdall_edge.settings import SpeakerSettings
 
 BLOCK_MS = 50
@@ -215,10 +215,8 @@ class PyAudioSpeaker:
         self._stream: OutputStream | None = None
 
     def _open_pyaudio(self, rate: int) -> OutputStream:
-        import pyaudio
-
         if self._pa is None:
-            self._pa = pyaudio.PyAudio()
+            self._pa = quiet_portaudio()
         index, name = find_device(self._pa, self.settings.device, "output", "speaker.device")
         return PyAudioOutput(self._pa, index, name, rate)
 

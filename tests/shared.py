@@ -1,0 +1,61 @@
+"""Test helpers shared across files: systemd's side of NOTIFY_SOCKET, polling without sleeps in asserts."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+
+class NotifyListener:
+    """A real AF_UNIX datagram socket, bound like systemd's, collecting every message."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.messages: list[str] = []
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind(str(path))
+        self._sock.settimeout(0.2)
+        self._running = True
+        self._thread = threading.Thread(target=self._collect, daemon=True)
+        self._thread.start()
+
+    def _collect(self) -> None:
+        while self._running:
+            try:
+                self.messages.append(self._sock.recv(4096).decode())
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+
+    def lines(self) -> list[str]:
+        return [line for message in list(self.messages) for line in message.splitlines()]
+
+    def has(self, line: str) -> bool:
+        return line in self.lines()
+
+    def close(self) -> None:
+        self._running = False
+        self._thread.join(timeout=2)
+        self._sock.close()
+
+
+async def until(
+    condition: Callable[[], bool], timeout: float, what: str, alive: asyncio.Future | None = None
+) -> None:
+    """Wait until `condition()` holds, polling; fail with `what` after `timeout` seconds.
+
+    With `alive`, fail at once (with its exception) if that task ends first.
+    """
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if alive is not None and alive.done():
+            alive.result()
+            raise AssertionError(f"service ended while waiting for {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.05)

@@ -1,0 +1,103 @@
+"""The service on simulated hardware: mock button, file microphone, real models, real sd_notify socket."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from gpiozero.pins.mock import MockFactory
+
+from heimdall_edge import builders
+from heimdall_edge.cli import serve
+from heimdall_edge.settings import load_settings
+from heimdall_edge.spool import Spool
+from shared import NotifyListener, until
+
+TIME_REPLY = re.compile(r"^It's \d{1,2}:\d\d [AP]M\.$")
+
+
+@pytest.fixture
+def notify(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    listener = NotifyListener(tmp_path / "notify.sock")
+    monkeypatch.setenv("NOTIFY_SOCKET", str(listener.path))
+    monkeypatch.setenv("WATCHDOG_USEC", "400000")  # ping every 0.2 s
+    yield listener
+    listener.close()
+
+
+def complete_captures(spool_dir: Path) -> list:
+    with Spool(spool_dir) as spool:
+        return [r for r in spool.list() if r.status == "complete"]
+
+
+async def test_button_press_on_simulated_service_runs_a_whole_interaction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, models_dir: Path, speech_dir: Path, notify: NotifyListener
+) -> None:
+    monkeypatch.setenv("HEIMDALL_LISTENING__MODE", "button")
+    settings = load_settings()
+    pins = MockFactory()
+    devices = builders.build_simulated_devices(settings, realtime=True, pin_factory=pins)
+
+    async def scenario() -> None:
+        service = asyncio.create_task(serve(settings, devices, simulate=True))
+        await until(lambda: notify.has("READY=1"), 30, "READY=1", alive=service)
+        assert not complete_captures(settings.spool_dir)
+        pin = pins.pin(settings.button.pin)
+        pin.drive_low()  # the person taps the button...
+        pin.drive_high()
+        devices.microphone.queue(speech_dir / "v2j_what_time_is_it.wav")  # ...and speaks
+        await until(lambda: len(complete_captures(settings.spool_dir)) == 1, 30, "a complete capture", alive=service)
+        await until(lambda: notify.has("WATCHDOG=1"), 5, "WATCHDOG=1")
+        os.kill(os.getpid(), signal.SIGTERM)
+        await service
+
+    await asyncio.wait_for(scenario(), timeout=90)
+    [record] = complete_captures(settings.spool_dir)
+    assert record.trigger == "button"
+    assert "what time is it" in record.transcript.lower()
+    assert TIME_REPLY.match(record.reply)
+    assert record.engines == {"stt": "faster-whisper", "reply": "offline", "tts": "piper"}
+    assert {"keep", "transcribe", "reply", "speak", "end_to_first_audio"} <= set(record.timings_ms)
+    assert {"audio.wav", "reply.wav", "frame-00.jpg"} <= set(record.files)
+    lines = notify.lines()
+    assert lines.index("READY=1") < lines.index("WATCHDOG=1") < lines.index("STOPPING=1")
+    assert any(line.startswith("STATUS=") for line in lines)
+
+
+async def test_voice_wake_on_the_real_service_process(
+    tmp_path: Path, models_dir: Path, speech_dir: Path, notify: NotifyListener
+) -> None:
+    """`heimdall-edge run --simulate` as a real process: speech wakes it, SIGTERM stops it cleanly."""
+    state = Path(os.environ["HEIMDALL_STATE_DIR"])
+    env = dict(os.environ, HEIMDALL_LISTENING__MODE="voice")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "heimdall_edge.cli", "run", "--simulate",
+        "--input", str(speech_dir / "ps_goforward.wav"),
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+
+    async def scenario() -> bytes:
+        await until(lambda: notify.has("READY=1"), 60, "READY=1")
+        await until(lambda: (state / "spool").is_dir() and len(complete_captures(state / "spool")) == 1, 60, "a capture")
+        await until(lambda: notify.has("WATCHDOG=1"), 5, "WATCHDOG=1")
+        process.send_signal(signal.SIGTERM)
+        _, stderr = await process.communicate()
+        return stderr
+
+    try:
+        stderr = await asyncio.wait_for(scenario(), timeout=120)
+    finally:
+        if process.returncode is None:
+            process.kill()
+    assert process.returncode == 0, stderr.decode()
+    [record] = complete_captures(state / "spool")
+    assert record.trigger == "voice"
+    assert "go forward" in record.transcript.lower()
+    assert notify.has("STOPPING=1")
+    assert b"stopped cleanly" in stderr
