@@ -15,7 +15,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from heimdall_edge.devices.base import Button, ButtonEvent, Camera, Indicator, IndicatorState, Microphone, Speaker
+from heimdall_edge.devices.base import (
+    Button,
+    ButtonEvent,
+    Camera,
+    Indicator,
+    IndicatorState,
+    Microphone,
+    Speaker,
+)
 from heimdall_edge.devices.camera import frames_while
 from heimdall_edge.interaction import Engines, Interaction, TurnResult
 from heimdall_edge.listening import Listener
@@ -52,7 +60,9 @@ class _PulsingMicrophone:
     reading and so stops beating.
     """
 
-    def __init__(self, microphone: Microphone, beat: Callable[[], None], notifier: Notifier) -> None:
+    def __init__(
+        self, microphone: Microphone, beat: Callable[[], None], notifier: Notifier
+    ) -> None:
         self._microphone = microphone
         self._beat = beat
         self._notifier = notifier
@@ -148,7 +158,9 @@ class Appliance:
         try:
             await asyncio.wait_for(asyncio.shield(turn), timeout=self.settings.stop_grace_s)
         except TimeoutError:
-            log.error("current turn did not finish within %.0f s of SIGTERM", self.settings.stop_grace_s)
+            log.error(
+                "current turn did not finish within %.0f s of SIGTERM", self.settings.stop_grace_s
+            )
             turn.cancel()
         self._report(turn)
 
@@ -190,7 +202,10 @@ class Appliance:
             return None
         self.notifier.status("answering")
         self._playback_stop.clear()
-        helpers = [asyncio.create_task(self._watch_barge_in()), asyncio.create_task(self._vouch_for_turn())]
+        helpers = [
+            asyncio.create_task(self._watch_barge_in()),
+            asyncio.create_task(self._vouch_for_turn()),
+        ]
         try:
             result = await self.interaction.run(utterance, frames, self._playback_stop)
         finally:

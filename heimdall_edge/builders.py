@@ -38,7 +38,11 @@ def prepare_state_dir(settings: Settings) -> Path:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        hint = "free some space" if exc.errno == errno.ENOSPC else "set HEIMDALL_STATE_DIR to a writable folder or run as the service user"
+        hint = (
+            "free some space"
+            if exc.errno == errno.ENOSPC
+            else "set HEIMDALL_STATE_DIR to a writable folder or run as the service user"
+        )
         raise SettingsError(f"state dir {state} is not usable ({exc.strerror}): {hint}") from exc
     return state
 

@@ -34,7 +34,10 @@ log = logging.getLogger("heimdall_edge")
 
 ConfigOption = Annotated[
     Path | None,
-    typer.Option("--config", help="Config file (default: $HEIMDALL_CONFIG or /etc/heimdall-edge/config.toml)."),
+    typer.Option(
+        "--config",
+        help="Config file (default: $HEIMDALL_CONFIG or /etc/heimdall-edge/config.toml).",
+    ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
 
@@ -57,7 +60,9 @@ def main(
 def _settings() -> Settings:
     settings = load_settings(State.config)
     level = logging.DEBUG if State.verbose else getattr(logging, settings.log_level)
-    logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
+    )
     # Third-party chatter stays quiet unless asked for.
     for noisy in ("faster_whisper", "piper", "gpiozero", "botocore", "urllib3"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
@@ -87,9 +92,12 @@ def default_demo_input() -> Path:
 
 @app.command()
 def run(
-    simulate: Annotated[bool, typer.Option("--simulate", help="Simulated devices (mock GPIO, file microphone).")] = False,
+    simulate: Annotated[
+        bool, typer.Option("--simulate", help="Simulated devices (mock GPIO, file microphone).")
+    ] = False,
     inputs: Annotated[
-        list[Path] | None, typer.Option("--input", help="With --simulate: audio played into the microphone.")
+        list[Path] | None,
+        typer.Option("--input", help="With --simulate: audio played into the microphone."),
     ] = None,
 ) -> None:
     """Run the appliance (the systemd service). Under --simulate, SIGUSR1 presses the button."""
@@ -115,9 +123,13 @@ async def serve(settings: Settings, devices: Devices, *, simulate: bool = False)
         loop.add_signal_handler(signum, stop.set)
     if simulate:
         signals.append(signal.SIGUSR1)
-        loop.add_signal_handler(signal.SIGUSR1, lambda: asyncio.ensure_future(press_mock_button(devices.button)))
+        loop.add_signal_handler(
+            signal.SIGUSR1, lambda: asyncio.ensure_future(press_mock_button(devices.button))
+        )
     try:
-        appliance = Appliance(settings, devices, builders.build_engines(settings), builders.open_spool(settings))
+        appliance = Appliance(
+            settings, devices, builders.build_engines(settings), builders.open_spool(settings)
+        )
         await appliance.start()
         log.info("ready: listening in %s mode", settings.listening.mode)
         await appliance.serve(stop)
@@ -137,7 +149,9 @@ async def press_mock_button(button: Any, hold_s: float = 0.1) -> None:
 
 @app.command()
 def demo(
-    input: Annotated[Path | None, typer.Option("--input", help="Audio the simulated person says (WAV/FLAC).")] = None,
+    input: Annotated[
+        Path | None, typer.Option("--input", help="Audio the simulated person says (WAV/FLAC).")
+    ] = None,
     json_out: JsonOption = False,
 ) -> None:
     """One whole interaction on simulated hardware: press, speak, transcribe, reply, speak, keep."""
@@ -156,7 +170,9 @@ def demo(
         _emit(payload)
         return
     timings = result.timings_ms
-    typer.echo(f"heard:   {result.transcript!r}  ({result.engines.get('stt')}, {timings.get('transcribe', 0):.0f} ms)")
+    typer.echo(
+        f"heard:   {result.transcript!r}  ({result.engines.get('stt')}, {timings.get('transcribe', 0):.0f} ms)"
+    )
     typer.echo(f"reply:   {result.reply!r}  ({result.engines.get('reply')})")
     typer.echo(
         f"spoke:   {result.engines.get('tts')}, first audio {timings.get('end_to_first_audio', 0):.0f} ms "
@@ -168,7 +184,9 @@ def demo(
 async def _demo(settings: Settings, audio_path: Path) -> Any:
     from heimdall_edge.appliance import Appliance
 
-    settings = settings.model_copy(update={"listening": settings.listening.model_copy(update={"mode": "button"})})
+    settings = settings.model_copy(
+        update={"listening": settings.listening.model_copy(update={"mode": "button"})}
+    )
     spool = builders.open_spool(settings)
     devices = builders.build_simulated_devices(settings, inputs=[audio_path], realtime=False)
     appliance = Appliance(settings, devices, builders.build_engines(settings), spool)
@@ -183,7 +201,9 @@ async def _demo(settings: Settings, audio_path: Path) -> Any:
 
 
 @app.command()
-def transcribe(audio: Annotated[Path, typer.Argument(help="WAV or FLAC file.")], json_out: JsonOption = False) -> None:
+def transcribe(
+    audio: Annotated[Path, typer.Argument(help="WAV or FLAC file.")], json_out: JsonOption = False
+) -> None:
     """Transcribe an audio file with the on-device engine."""
     try:
         settings = _settings()
@@ -208,7 +228,9 @@ def transcribe(audio: Annotated[Path, typer.Argument(help="WAV or FLAC file.")],
 @app.command()
 def say(
     text: Annotated[str, typer.Argument(help="What to say.")],
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="Write a WAV file instead of playing.")] = None,
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Write a WAV file instead of playing.")
+    ] = None,
     json_out: JsonOption = False,
 ) -> None:
     """Speak text through the speaker (or into a WAV file)."""
@@ -247,7 +269,11 @@ async def _say(settings: Settings, text: str, output: Path | None) -> dict[str, 
 
 
 @captures_app.callback(invoke_without_command=True)
-def captures(ctx: typer.Context, json_out: JsonOption = False, limit: Annotated[int, typer.Option(help="Most to list.")] = 50) -> None:
+def captures(
+    ctx: typer.Context,
+    json_out: JsonOption = False,
+    limit: Annotated[int, typer.Option(help="Most to list.")] = 50,
+) -> None:
     """List the newest captures and how many wait to sync."""
     if ctx.invoked_subcommand is not None:
         return
@@ -262,7 +288,9 @@ def captures(ctx: typer.Context, json_out: JsonOption = False, limit: Annotated[
         return
     typer.echo(", ".join(f"{n} {state}" for state, n in sorted(counts.items())) or "no captures")
     for record in records:
-        typer.echo(f"{record.capture_id}  {record.sync_state:8} {record.status:9} {record.transcript or '-'!r}")
+        typer.echo(
+            f"{record.capture_id}  {record.sync_state:8} {record.status:9} {record.transcript or '-'!r}"
+        )
 
 
 @captures_app.command("show")

@@ -12,7 +12,7 @@ from typing import Literal
 
 from heimdall_edge.engines.base import EngineError
 from heimdall_edge.models import piper_voice_files, whisper_model_dir
-from heimdall_edge.settings import Settings, config_path
+from heimdall_edge.settings import Settings, SettingsError, config_path
 
 DISK_WARN_BYTES = 500 * 1024**2
 DISK_FAIL_BYTES = 50 * 1024**2
@@ -45,20 +45,27 @@ def run_checks(settings: Settings, explicit_config: Path | None) -> Iterator[Che
         _speaker,
         _camera,
         _gpio,
-        *[_credential(name, env) for name, env in (("OpenAI", "openai_api_key"), ("ElevenLabs", "elevenlabs_api_key"))],
+        *[
+            _credential(name, env)
+            for name, env in (("OpenAI", "openai_api_key"), ("ElevenLabs", "elevenlabs_api_key"))
+        ],
     ]
     for check in checks:
         try:
             yield check(settings)
-        except Exception as exc:  # a broken check is reported, never a crash
-            yield Check(Level.FAIL, getattr(check, "__name__", "check").strip("_"), f"check crashed: {exc}")
+        except Exception as exc:  # noqa: BLE001 - a broken check is reported, never a crash
+            yield Check(
+                Level.FAIL, getattr(check, "__name__", "check").strip("_"), f"check crashed: {exc}"
+            )
 
 
 def _config(explicit: Path | None) -> Check:
     path, _ = config_path(explicit)
     if path.is_file():
         return Check(Level.OK, "settings", f"{path} is valid")
-    return Check(Level.WARN, "settings", f"{path} not found: using defaults (copy config.example.toml there)")
+    return Check(
+        Level.WARN, "settings", f"{path} not found: using defaults (copy config.example.toml there)"
+    )
 
 
 def _state_dir(settings: Settings) -> Check:
@@ -66,7 +73,7 @@ def _state_dir(settings: Settings) -> Check:
 
     try:
         state = prepare_state_dir(settings)
-    except Exception as exc:
+    except SettingsError as exc:
         return Check(Level.FAIL, "state dir", str(exc))
     mode = state.stat().st_mode & 0o777
     if mode & 0o077:
@@ -92,14 +99,20 @@ def _model_check(name: str, find: Callable[[], Path]) -> Check:
 
 
 def _whisper(settings: Settings) -> Check:
-    return _model_check("speech-to-text model", lambda: whisper_model_dir(settings.models, settings.stt.model))
+    return _model_check(
+        "speech-to-text model", lambda: whisper_model_dir(settings.models, settings.stt.model)
+    )
 
 
 def _piper(settings: Settings) -> Check:
-    return _model_check("text-to-speech voice", lambda: piper_voice_files(settings.models, settings.tts.voice).onnx)
+    return _model_check(
+        "text-to-speech voice", lambda: piper_voice_files(settings.models, settings.tts.voice).onnx
+    )
 
 
-def _audio_device(direction: Literal["input", "output"], wanted: str | int | None, setting: str) -> Check:
+def _audio_device(
+    direction: Literal["input", "output"], wanted: str | int | None, setting: str
+) -> Check:
     from heimdall_edge.devices.base import DeviceError
     from heimdall_edge.devices.portaudio import find_device, quiet_portaudio
 
@@ -136,7 +149,11 @@ def _camera(settings: Settings) -> Check:
         )
     cameras = Picamera2.global_camera_info()
     if not cameras:
-        return Check(Level.WARN, "camera", "no camera attached: check the ribbon cable and `rpicam-hello --list-cameras`")
+        return Check(
+            Level.WARN,
+            "camera",
+            "no camera attached: check the ribbon cable and `rpicam-hello --list-cameras`",
+        )
     return Check(Level.OK, "camera", f"{cameras[0].get('Model', 'camera')} attached")
 
 
@@ -155,7 +172,11 @@ def _gpio(settings: Settings) -> Check:
             f"no GPIO pin driver: button GPIO{settings.button.pin} cannot work "
             "(on the Pi: apt install python3-lgpio; elsewhere use `run --simulate`)",
         )
-    return Check(Level.OK, "gpio", f"{type(factory).__name__}: button GPIO{settings.button.pin}, LED GPIO{settings.led.pin}")
+    return Check(
+        Level.OK,
+        "gpio",
+        f"{type(factory).__name__}: button GPIO{settings.button.pin}, LED GPIO{settings.led.pin}",
+    )
 
 
 def _credential(label: str, field: str) -> Callable[[Settings], Check]:

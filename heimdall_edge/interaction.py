@@ -102,7 +102,9 @@ class Interaction:
         self._indicator = indicator
         self._clock = clock
 
-    async def run(self, utterance: Utterance, frames: list[bytes], stop: asyncio.Event) -> TurnResult:
+    async def run(
+        self, utterance: Utterance, frames: list[bytes], stop: asyncio.Event
+    ) -> TurnResult:
         watch = Stopwatch(self._clock)
         watch.timings_ms["listen"] = utterance.audio.seconds * 1000
         self._indicator.show(IndicatorState.THINKING)
@@ -164,14 +166,21 @@ class Interaction:
         await self._speak(result, result.reply or SAY_NO_REPLY, utterance, stop, watch)
 
     async def _speak(
-        self, result: TurnResult, text: str, utterance: Utterance, stop: asyncio.Event, watch: Stopwatch
+        self,
+        result: TurnResult,
+        text: str,
+        utterance: Utterance,
+        stop: asyncio.Event,
+        watch: Stopwatch,
     ) -> None:
         """Speak `text`, keep what was played as reply.wav, and time the first audio."""
         played: list[Audio] = []
         self._indicator.show(IndicatorState.SPEAKING)
         with watch.stage("speak"):
             try:
-                playback = await self._speaker.play(_tee(prefetch(self._engines.tts.synthesize(text)), played), stop)
+                playback = await self._speaker.play(
+                    _tee(prefetch(self._engines.tts.synthesize(text)), played), stop
+                )
                 result.engines["tts"] = self._engines.tts.name
             except Exception as exc:
                 log.exception("text-to-speech failed for capture %s", result.capture_id)
@@ -179,9 +188,13 @@ class Interaction:
                 playback = await self._speaker.play(_once(ERROR_EARCON), stop)
         result.interrupted = playback.interrupted
         if playback.first_audio_at is not None:
-            watch.timings_ms["end_to_first_audio"] = (playback.first_audio_at - utterance.ended_at) * 1000
+            watch.timings_ms["end_to_first_audio"] = (
+                playback.first_audio_at - utterance.ended_at
+            ) * 1000
         if played and result.capture_id:
-            await asyncio.to_thread(self._spool.add_file, result.capture_id, "reply.wav", _join(played))
+            await asyncio.to_thread(
+                self._spool.add_file, result.capture_id, "reply.wav", _join(played)
+            )
 
     async def _say(self, text: str, stop: asyncio.Event) -> Playback:
         """A message outside any capture (e.g. storage full): speech, else an earcon."""
@@ -230,6 +243,8 @@ def _join(chunks: list[Audio]) -> bytes:
     for chunk in chunks:
         samples = np.frombuffer(chunk.pcm, dtype=np.int16)
         if chunk.sample_rate != rate:
-            samples = (resample(samples.astype(np.float32) / 32768, chunk.sample_rate, rate) * 32767).astype(np.int16)
+            samples = (
+                resample(samples.astype(np.float32) / 32768, chunk.sample_rate, rate) * 32767
+            ).astype(np.int16)
         parts.append(samples.tobytes())
     return wav_bytes(b"".join(parts), rate)

@@ -265,5 +265,7 @@ def describe_errors(exc: ValidationError, path: Path) -> str:
         if error["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key; check its spelling against config.example.toml")
             continue
-        lines.append(f"  {key} = {error['input']!r}: {error['msg']} (set in the file or {env_name})")
+        lines.append(
+            f"  {key} = {error['input']!r}: {error['msg']} (set in the file or {env_name})"
+        )
     return "\n".join(lines)

@@ -22,7 +22,7 @@ async def prefetch(source: AsyncIterator[T], depth: int = 8) -> AsyncIterator[T]
         try:
             async for item in source:
                 await queue.put(item)
-        except Exception as exc:  # handed to the consumer, which raises it
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it
             await queue.put(exc)
         else:
             await queue.put(_END)

@@ -42,9 +42,18 @@ def transcripts(speech_dir: Path) -> dict[str, str]:
 def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No test reads the machine's /etc config or writes /var/lib."""
     for name in list(os.environ):
-        if name.startswith("HEIMDALL_") and name not in ("HEIMDALL_MODELS_DIR", "HEIMDALL_SPEECH_DIR"):
+        if name.startswith("HEIMDALL_") and name not in (
+            "HEIMDALL_MODELS_DIR",
+            "HEIMDALL_SPEECH_DIR",
+        ):
             monkeypatch.delenv(name)
-    for name in ("OPENAI_API_KEY", "ELEVENLABS_API_KEY", "CREDENTIALS_DIRECTORY", "NOTIFY_SOCKET", "WATCHDOG_USEC"):
+    for name in (
+        "OPENAI_API_KEY",
+        "ELEVENLABS_API_KEY",
+        "CREDENTIALS_DIRECTORY",
+        "NOTIFY_SOCKET",
+        "WATCHDOG_USEC",
+    ):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HEIMDALL_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.setenv("HEIMDALL_MODELS_DIR", str(_shared_dir("HEIMDALL_MODELS_DIR", "models")))

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 from gpiozero.pins.mock import MockFactory
+from shared import NotifyListener, until
 
 from heimdall_edge import builders
 from heimdall_edge.cli import serve
 from heimdall_edge.settings import load_settings
 from heimdall_edge.spool import Spool
-from shared import NotifyListener, until
 
 TIME_REPLY = re.compile(r"^It's \d{1,2}:\d\d [AP]M\.$")
 
@@ -37,7 +37,11 @@ def complete_captures(spool_dir: Path) -> list:
 
 
 async def test_button_press_on_simulated_service_runs_a_whole_interaction(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, models_dir: Path, speech_dir: Path, notify: NotifyListener
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    models_dir: Path,
+    speech_dir: Path,
+    notify: NotifyListener,
 ) -> None:
     monkeypatch.setenv("HEIMDALL_LISTENING__MODE", "button")
     settings = load_settings()
@@ -52,7 +56,12 @@ async def test_button_press_on_simulated_service_runs_a_whole_interaction(
         pin.drive_low()  # the person taps the button...
         pin.drive_high()
         devices.microphone.queue(speech_dir / "v2j_what_time_is_it.wav")  # ...and speaks
-        await until(lambda: len(complete_captures(settings.spool_dir)) == 1, 30, "a complete capture", alive=service)
+        await until(
+            lambda: len(complete_captures(settings.spool_dir)) == 1,
+            30,
+            "a complete capture",
+            alive=service,
+        )
         await until(lambda: notify.has("WATCHDOG=1"), 5, "WATCHDOG=1")
         os.kill(os.getpid(), signal.SIGTERM)
         await service
@@ -84,7 +93,11 @@ async def test_voice_wake_on_the_real_service_process(
 
     async def scenario() -> bytes:
         await until(lambda: notify.has("READY=1"), 60, "READY=1")
-        await until(lambda: (state / "spool").is_dir() and len(complete_captures(state / "spool")) == 1, 60, "a capture")
+        await until(
+            lambda: (state / "spool").is_dir() and len(complete_captures(state / "spool")) == 1,
+            60,
+            "a capture",
+        )
         await until(lambda: notify.has("WATCHDOG=1"), 5, "WATCHDOG=1")
         process.send_signal(signal.SIGTERM)
         _, stderr = await process.communicate()

@@ -6,9 +6,16 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from heimdall_edge import settings as settings_module
-from heimdall_edge.settings import Settings, SettingsError, load_settings, machine_device_id, read_secrets
+from heimdall_edge.settings import (
+    Settings,
+    SettingsError,
+    load_settings,
+    machine_device_id,
+    read_secrets,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,6 +28,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_defaults_without_a_config_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(settings_module, "DEFAULT_CONFIG", tmp_path / "absent.toml")
+    monkeypatch.delenv("HEIMDALL_MODELS_DIR")
     settings = load_settings()
     assert settings.listening.mode == "both"
     assert settings.listening.silence_ms == 700
@@ -39,34 +47,46 @@ def test_toml_then_environment_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert settings.device_id == "porch-pi"
 
 
-def test_heimdall_config_variable_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_heimdall_config_variable_names_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("HEIMDALL_CONFIG", str(write(tmp_path, "[camera]\nframes = 1\n")))
     assert load_settings().camera.frames == 1
 
 
 def test_settings_are_frozen(tmp_path: Path) -> None:
     settings = load_settings(write(tmp_path, ""))
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         settings.listening.mode = "voice"  # type: ignore[misc]
 
 
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ('[listening]\nmode = "loud"\n', "listening.mode = 'loud': Input should be 'button', 'voice' or 'both'"),
-        ("[listening]\nsilence_ms = -1\n", "listening.silence_ms = -1: Input should be greater than or equal to 0"),
+        (
+            '[listening]\nmode = "loud"\n',
+            "listening.mode = 'loud': Input should be 'button', 'voice' or 'both'",
+        ),
+        (
+            "[listening]\nsilence_ms = -1\n",
+            "listening.silence_ms = -1: Input should be greater than or equal to 0",
+        ),
         ("[button]\npin = 40\n", "button.pin = 40: Input should be less than or equal to 27"),
         ("[listening]\nsilense_ms = 100\n", "listening.silense_ms: unknown key"),
         ('device_id = "bad id!"\n', "device_id = 'bad id!'"),
     ],
 )
-def test_bad_values_name_key_value_and_what_is_allowed(tmp_path: Path, text: str, expected: str) -> None:
+def test_bad_values_name_key_value_and_what_is_allowed(
+    tmp_path: Path, text: str, expected: str
+) -> None:
     with pytest.raises(SettingsError) as caught:
         load_settings(write(tmp_path, text))
     assert expected in str(caught.value)
 
 
-def test_bad_environment_value_names_the_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bad_environment_value_names_the_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("HEIMDALL_LISTENING__MAX_MS", "lots")
     with pytest.raises(SettingsError, match="HEIMDALL_LISTENING__MAX_MS"):
         load_settings(write(tmp_path, ""))
@@ -89,7 +109,10 @@ def test_secrets_from_environment_then_credentials_never_shown(tmp_path: Path) -
     creds.mkdir()
     (creds / "elevenlabs_api_key").write_text("el-canary-123\n")
     secrets = read_secrets({"OPENAI_API_KEY": "sk-canary-456", "CREDENTIALS_DIRECTORY": str(creds)})
-    assert secrets.openai_api_key is not None and secrets.openai_api_key.get_secret_value() == "sk-canary-456"
+    assert (
+        secrets.openai_api_key is not None
+        and secrets.openai_api_key.get_secret_value() == "sk-canary-456"
+    )
     assert secrets.elevenlabs_api_key is not None
     assert secrets.elevenlabs_api_key.get_secret_value() == "el-canary-123"
     settings = Settings(secrets=secrets)
@@ -108,7 +131,9 @@ def test_device_id_is_a_hash_not_the_machine_id(tmp_path: Path) -> None:
 def test_example_config_is_valid_and_lists_every_key() -> None:
     example = REPO / "config.example.toml"
     data = tomllib.loads(example.read_text())
-    assert Settings(**data) == Settings(**{k: v for k, v in Settings().model_dump().items() if k != "secrets"})
+    assert Settings(**data) == Settings(
+        **{k: v for k, v in Settings().model_dump().items() if k != "secrets"}
+    )
     text = example.read_text()
     for section, field in Settings.model_fields.items():
         if section == "secrets":

@@ -12,9 +12,9 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -111,6 +111,8 @@ class PyAudioInput:
     """
 
     def __init__(self, settings: MicrophoneSettings) -> None:
+        import pyaudio
+
         self._pa = quiet_portaudio()
         try:
             index, self.name = find_device(self._pa, settings.device, "input", "microphone.device")

@@ -54,7 +54,9 @@ class FasterWhisperEngine:
 
     async def transcribe(self, audio: Audio) -> Transcript:
         if audio.sample_rate != SAMPLE_RATE:
-            raise EngineError(f"faster-whisper needs {SAMPLE_RATE} Hz audio, got {audio.sample_rate}")
+            raise EngineError(
+                f"faster-whisper needs {SAMPLE_RATE} Hz audio, got {audio.sample_rate}"
+            )
         await self.load()
         async with self._lock:
             text = await asyncio.to_thread(self._transcribe, audio)
