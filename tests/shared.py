@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import threading
 import time
@@ -59,3 +60,8 @@ async def until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         await asyncio.sleep(0.05)
+
+
+def words(text: str) -> str:
+    """Text reduced to lowercase words, for word error rates."""
+    return " ".join(re.sub(r"[^a-z0-9' ]+", " ", text.lower()).split())

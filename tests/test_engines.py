@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from datetime import datetime
 from pathlib import Path
 
 import jiwer
 import numpy as np
 import pytest
+from shared import words
 
 from heimdall_edge.audio import Audio, read_audio, resample, to_int16
 from heimdall_edge.engines.base import EngineError, ReplyRequest
@@ -16,10 +16,6 @@ from heimdall_edge.engines.faster_whisper import FasterWhisperEngine
 from heimdall_edge.engines.offline_reply import OfflineReplyEngine
 from heimdall_edge.engines.piper import PiperEngine
 from heimdall_edge.settings import SpeechToTextSettings, TextToSpeechSettings
-
-
-def words(text: str) -> str:
-    return " ".join(re.sub(r"[^a-z0-9' ]+", " ", text.lower()).split())
 
 
 async def test_whisper_transcribes_jfk(

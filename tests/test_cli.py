@@ -1,0 +1,147 @@
+"""The command line as a person (or a script) uses it: real processes, real models, the JSON contract."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import wave
+from pathlib import Path
+
+import jiwer
+import pytest
+from shared import words
+
+TIME_REPLY = re.compile(r"^It's \d{1,2}:\d\d [AP]M\.$")
+
+
+def heimdall(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "heimdall_edge.cli", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, **(env or {})),
+    )
+
+
+def ok_json(*args: str) -> object:
+    result = heimdall(*args)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_demo_answers_what_time_is_it_and_keeps_the_capture(speech_dir: Path) -> None:
+    demo = ok_json("demo", "--input", str(speech_dir / "v2j_what_time_is_it.wav"), "--json")
+    assert isinstance(demo, dict)
+    assert set(demo) == {"capture_id", "transcript", "reply", "engines", "timings_ms"}
+    assert re.sub(r"[^a-z ]", "", demo["transcript"].lower()).strip() == "what time is it"
+    assert TIME_REPLY.match(demo["reply"])
+    assert demo["engines"] == {"stt": "faster-whisper", "reply": "offline", "tts": "piper"}
+    assert {
+        "listen",
+        "keep",
+        "transcribe",
+        "reply",
+        "speak",
+        "end_to_first_audio",
+        "record",
+    } <= set(demo["timings_ms"])
+    listed = ok_json("captures", "--json")
+    assert [c["capture_id"] for c in listed] == [demo["capture_id"]]
+    assert listed[0]["sync_state"] == "pending"
+    shown = ok_json("captures", "show", demo["capture_id"], "--json")
+    folder = Path(shown["path"])
+    with wave.open(str(folder / "reply.wav")) as reply:
+        assert reply.getnframes() / reply.getframerate() > 0.5  # the spoken reply was kept
+    assert (folder / "audio.wav").stat().st_mode & 0o777 == 0o600
+
+
+def test_demo_default_input_is_shipped_with_the_package() -> None:
+    demo = ok_json("demo", "--json")
+    assert "time" in demo["transcript"].lower()
+    assert TIME_REPLY.match(demo["reply"])
+
+
+def test_transcribe_jfk(speech_dir: Path, transcripts: dict[str, str]) -> None:
+    result = ok_json("transcribe", str(speech_dir / "jfk.flac"), "--json")
+    assert set(result) == {"text", "engine", "latency_ms"}
+    assert result["engine"] == "faster-whisper"
+    assert jiwer.wer(words(transcripts["jfk.flac"]), words(result["text"])) < 0.1
+    assert result["latency_ms"] > 0
+
+
+def test_say_writes_a_wav_and_reports_first_audio(tmp_path: Path) -> None:
+    out = tmp_path / "hello.wav"
+    result = ok_json("say", "Hello. The door is locked.", "-o", str(out), "--json")
+    assert result["engine"] == "piper" and result["cached"] is False
+    assert 0 < result["first_audio_ms"] < 10_000
+    with wave.open(str(out)) as wav:
+        seconds = wav.getnframes() / wav.getframerate()
+    assert abs(seconds - result["audio_seconds"]) < 0.05
+    assert seconds > 1.0
+
+
+def test_captures_on_an_empty_device() -> None:
+    assert ok_json("captures", "--json") == []
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["transcribe", "missing.wav"], {}, "does not exist"),
+        (["captures", "show", "20260101T000000000Z-00000000"], {}, "no capture"),
+        (["demo"], {"HEIMDALL_LISTENING__SILENCE_MS": "soon"}, "HEIMDALL_LISTENING__SILENCE_MS"),
+        (
+            ["transcribe", "x.wav"],
+            {"HEIMDALL_STT__MODEL": "medium.en"},
+            "fetch-models --whisper medium.en",
+        ),
+        (["say", "hi", "-o", "x.wav"], {"HEIMDALL_TTS__VOICE": "de_DE-nobody-low"}, "Piper voice"),
+    ],
+)
+def test_bad_input_is_a_clear_error_not_a_traceback(
+    tmp_path: Path, args: list[str], env: dict[str, str], message: str
+) -> None:
+    (tmp_path / "x.wav").write_bytes(
+        (Path(__file__).parents[1] / "heimdall_edge/data/what_time_is_it.wav").read_bytes()
+    )
+    args = [str(tmp_path / a) if a.endswith(".wav") else a for a in args]
+    result = heimdall(*args, env=env)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_corrupt_and_empty_audio_are_refused_clearly(tmp_path: Path) -> None:
+    corrupt = tmp_path / "corrupt.wav"
+    corrupt.write_bytes(b"RIFF\x00\x00\x00\x00WAVEgarbage")
+    empty = tmp_path / "empty.wav"
+    with wave.open(str(empty), "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(16000)
+    for path, message in ((corrupt, "cannot be decoded"), (empty, "holds no samples")):
+        result = heimdall("transcribe", str(path))
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_doctor_reports_one_line_per_check_and_fails_without_devices() -> None:
+    result = heimdall("doctor", env={"OPENAI_API_KEY": "sk-canary-doctor"})
+    lines = result.stdout.splitlines()
+    assert result.returncode == 1  # no sound card or GPIO on a test machine
+    assert all(re.match(r"^(OK|WARN|FAIL) +[\w -]+: ", line) for line in lines), lines
+    names = [line.split(":")[0].split(maxsplit=1)[1] for line in lines]
+    assert names[:5] == [
+        "settings",
+        "state dir",
+        "disk",
+        "speech-to-text model",
+        "text-to-speech voice",
+    ]
+    assert any(line.startswith("OK   speech-to-text model") for line in lines)
+    assert any(line.startswith("OK   OpenAI key: set") for line in lines)
+    assert "canary" not in result.stdout + result.stderr
