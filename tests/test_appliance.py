@@ -114,3 +114,85 @@ async def test_voice_wake_on_the_real_service_process(
     assert "go forward" in record.transcript.lower()
     assert notify.has("STOPPING=1")
     assert b"stopped cleanly" in stderr
+
+
+async def test_sigterm_mid_utterance_keeps_what_was_said(
+    tmp_path: Path, models_dir: Path, speech_dir: Path, notify: NotifyListener
+) -> None:
+    """systemd stops the service while someone is talking: the capture is finished and kept."""
+    state = Path(os.environ["HEIMDALL_STATE_DIR"])
+    env = dict(os.environ, HEIMDALL_LISTENING__MODE="voice")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "heimdall_edge.cli", "run", "--simulate",
+        "--input", str(speech_dir / "jfk.flac"),
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+
+    async def scenario() -> bytes:
+        await until(lambda: notify.has("STATUS=capturing"), 60, "the capture to start")
+        await asyncio.sleep(2.5)  # JFK is 11 s long: he is mid-sentence
+        process.send_signal(signal.SIGTERM)
+        _, stderr = await process.communicate()
+        return stderr
+
+    try:
+        stderr = await asyncio.wait_for(scenario(), timeout=120)
+    finally:
+        if process.returncode is None:
+            process.kill()
+    assert process.returncode == 0, stderr.decode()
+    with Spool(state / "spool") as spool:
+        [record] = spool.list()
+    assert record.trigger == "voice"
+    assert (
+        1.5 < record.timings_ms["listen"] / 1000 < 6.0
+    )  # cut at the stop, not at the end of the file
+    assert "fellow americans" in record.transcript.lower()
+    lines = notify.lines()
+    assert lines.index("STATUS=capturing") < lines.index("STOPPING=1")
+
+
+async def test_button_press_while_speaking_stops_the_reply(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, models_dir: Path, speech_dir: Path, piper
+) -> None:
+    from heimdall_edge.appliance import Appliance
+    from heimdall_edge.engines.base import ReplyRequest
+    from heimdall_edge.engines.offline_reply import OfflineReplyEngine
+    from heimdall_edge.interaction import Engines
+
+    long_reply = " ".join(["Here is a very long answer that keeps going."] * 8)
+
+    class Chatty(OfflineReplyEngine):
+        def answer(self, request: ReplyRequest) -> str:
+            return long_reply
+
+    monkeypatch.setenv("HEIMDALL_LISTENING__MODE", "button")
+    settings = load_settings()
+    pins = MockFactory()
+    devices = builders.build_simulated_devices(
+        settings, inputs=[speech_dir / "v2j_what_time_is_it.wav"], realtime=True, pin_factory=pins
+    )
+    engines = Engines(stt=builders.build_engines(settings).stt, reply=Chatty(), tts=piper)
+    appliance = Appliance(settings, devices, engines, builders.open_spool(settings))
+    pin = pins.pin(settings.button.pin)
+
+    async def scenario():
+        await appliance.start()
+        pin.drive_low()
+        pin.drive_high()
+        turn = asyncio.create_task(appliance.one_turn())
+        await until(
+            lambda: devices.indicator.state.value == "speaking",
+            30,
+            "the reply to start",
+            alive=turn,
+        )
+        await asyncio.sleep(1.0)
+        pin.drive_low()  # barge-in
+        pin.drive_high()
+        return await turn
+
+    result = await asyncio.wait_for(scenario(), timeout=60)
+    await devices.aclose()
+    assert result.interrupted
+    assert result.timings_ms["speak"] < 5000  # the whole reply is over 20 s
