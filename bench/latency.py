@@ -27,7 +27,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SPEECH = Path(os.environ.get("HEIMDALL_SPEECH_DIR", REPO.parent / "shared" / "speech"))
-RECORDINGS = ["v2j_what_time_is_it.wav", "ps_goforward.wav", "picovoice_cheetah_test_en.wav", "jfk.flac"]
+RECORDINGS = [
+    "v2j_what_time_is_it.wav",
+    "ps_goforward.wav",
+    "picovoice_cheetah_test_en.wav",
+    "jfk.flac",
+]
 STAGES = ["keep", "transcribe", "reply", "end_to_first_audio", "record"]
 
 
@@ -55,7 +60,9 @@ async def turns(runs: int) -> dict[str, dict[str, list[float]]]:
     from heimdall_edge.settings import load_settings
 
     settings = load_settings()
-    settings = settings.model_copy(update={"listening": settings.listening.model_copy(update={"mode": "button"})})
+    settings = settings.model_copy(
+        update={"listening": settings.listening.model_copy(update={"mode": "button"})}
+    )
     engines = builders.build_engines(settings)
     await engines.load()
     spool = builders.open_spool(settings)
@@ -132,7 +139,9 @@ def time_import() -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=5, help="measured runs per figure (after one warm-up)")
+    parser.add_argument(
+        "--runs", type=int, default=5, help="measured runs per figure (after one warm-up)"
+    )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     state = Path(tempfile.mkdtemp(prefix="heimdall-bench-"))
@@ -142,7 +151,9 @@ def main() -> None:
     from heimdall_edge.settings import ListeningSettings
 
     print(f"machine: {machine()}")
-    print(f"runs: median of {args.runs} (after one warm-up); models: faster-whisper tiny.en int8 beam 1, Piper en_US-joe-medium\n")
+    print(
+        f"runs: median of {args.runs} (after one warm-up); models: faster-whisper tiny.en int8 beam 1, Piper en_US-joe-medium\n"
+    )
 
     results = asyncio.run(turns(args.runs))
     print("## Per-stage latency of one turn (ms, median)\n")
@@ -155,15 +166,19 @@ def main() -> None:
         print(f"| {name} | {seconds:.1f} | {cells} | {rtf:.3f} |")
 
     hangover = ListeningSettings().silence_ms
-    print(f"\n## End of speech -> first reply audio (ms, median)\n")
-    print(f"| recording | capture end -> first audio | + hang-over ({hangover} ms) = end of speech -> first audio |")
+    print("\n## End of speech -> first reply audio (ms, median)\n")
+    print(
+        f"| recording | capture end -> first audio | + hang-over ({hangover} ms) = end of speech -> first audio |"
+    )
     print("|---|---:|---:|")
     for name, timings in results.items():
         after = statistics.median(timings["end_to_first_audio"])
         print(f"| {name} | {after:.0f} | {after + hangover:.0f} |")
 
     baseline = statistics.median(rss_mib("import heimdall_edge.cli") for _ in range(3))
-    loaded = statistics.median(rss_mib(LOAD_MODELS.format(path=str(SPEECH / "jfk.flac"))) for _ in range(3))
+    loaded = statistics.median(
+        rss_mib(LOAD_MODELS.format(path=str(SPEECH / "jfk.flac"))) for _ in range(3)
+    )
     print("\n## Memory (peak RSS, MiB, median of 3)\n")
     print("| package imported (baseline) | both models loaded and used | ratio |")
     print("|---:|---:|---:|")
@@ -174,7 +189,9 @@ def main() -> None:
     print(f"\n## Start-up (s, median of {args.runs})\n")
     print("| import CLI (baseline) | `run --simulate` to READY=1 | ratio |")
     print("|---:|---:|---:|")
-    print(f"| {statistics.median(imports):.2f} | {statistics.median(ready):.2f} | {statistics.median(ready) / statistics.median(imports):.1f}x |")
+    print(
+        f"| {statistics.median(imports):.2f} | {statistics.median(ready):.2f} | {statistics.median(ready) / statistics.median(imports):.1f}x |"
+    )
 
 
 if __name__ == "__main__":

@@ -33,6 +33,12 @@ def speech_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def clip(speech_dir: Path) -> Path:
+    """A short real recording ("what time is it", 48 kHz stereo) for device tests."""
+    return speech_dir / "v2j_what_time_is_it.wav"
+
+
+@pytest.fixture(scope="session")
 def transcripts(speech_dir: Path) -> dict[str, str]:
     lines = (speech_dir / "transcripts.tsv").read_text().splitlines()
     return dict(line.split("\t", 1) for line in lines if line.strip())

@@ -79,26 +79,19 @@ async def test_button_press_on_simulated_service_runs_a_whole_interaction(
     assert any(line.startswith("STATUS=") for line in lines)
 
 
-async def test_voice_wake_on_the_real_service_process(
-    tmp_path: Path, models_dir: Path, speech_dir: Path, notify: NotifyListener
-) -> None:
-    """`heimdall-edge run --simulate` as a real process: speech wakes it, SIGTERM stops it cleanly."""
-    state = Path(os.environ["HEIMDALL_STATE_DIR"])
+async def service_until_sigterm(recording: Path, ready_to_stop) -> tuple[int, bytes]:
+    """`heimdall-edge run --simulate` in voice mode as a real process, fed `recording`.
+
+    SIGTERM is sent once `ready_to_stop()` (a coroutine) returns; gives (exit code, stderr).
+    """
     env = dict(os.environ, HEIMDALL_LISTENING__MODE="voice")
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "heimdall_edge.cli", "run", "--simulate",
-        "--input", str(speech_dir / "ps_goforward.wav"),
+        sys.executable, "-m", "heimdall_edge.cli", "run", "--simulate", "--input", str(recording),
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
 
     async def scenario() -> bytes:
-        await until(lambda: notify.has("READY=1"), 60, "READY=1")
-        await until(
-            lambda: (state / "spool").is_dir() and len(complete_captures(state / "spool")) == 1,
-            60,
-            "a capture",
-        )
-        await until(lambda: notify.has("WATCHDOG=1"), 5, "WATCHDOG=1")
+        await ready_to_stop()
         process.send_signal(signal.SIGTERM)
         _, stderr = await process.communicate()
         return stderr
@@ -108,8 +101,26 @@ async def test_voice_wake_on_the_real_service_process(
     finally:
         if process.returncode is None:
             process.kill()
-    assert process.returncode == 0, stderr.decode()
-    [record] = complete_captures(state / "spool")
+    assert process.returncode is not None
+    return process.returncode, stderr
+
+
+async def test_voice_wake_on_the_real_service_process(
+    speech_dir: Path, notify: NotifyListener
+) -> None:
+    """Speech wakes the service process; SIGTERM then stops it cleanly."""
+    spool_dir = Path(os.environ["HEIMDALL_STATE_DIR"]) / "spool"
+
+    async def answered() -> None:
+        await until(lambda: notify.has("READY=1"), 60, "READY=1")
+        await until(
+            lambda: spool_dir.is_dir() and len(complete_captures(spool_dir)) == 1, 60, "a capture"
+        )
+        await until(lambda: notify.has("WATCHDOG=1"), 5, "WATCHDOG=1")
+
+    code, stderr = await service_until_sigterm(speech_dir / "ps_goforward.wav", answered)
+    assert code == 0, stderr.decode()
+    [record] = complete_captures(spool_dir)
     assert record.trigger == "voice"
     assert "go forward" in record.transcript.lower()
     assert notify.has("STOPPING=1")
@@ -117,36 +128,21 @@ async def test_voice_wake_on_the_real_service_process(
 
 
 async def test_sigterm_mid_utterance_keeps_what_was_said(
-    tmp_path: Path, models_dir: Path, speech_dir: Path, notify: NotifyListener
+    speech_dir: Path, notify: NotifyListener
 ) -> None:
     """systemd stops the service while someone is talking: the capture is finished and kept."""
-    state = Path(os.environ["HEIMDALL_STATE_DIR"])
-    env = dict(os.environ, HEIMDALL_LISTENING__MODE="voice")
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "heimdall_edge.cli", "run", "--simulate",
-        "--input", str(speech_dir / "jfk.flac"),
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
 
-    async def scenario() -> bytes:
+    async def mid_sentence() -> None:
         await until(lambda: notify.has("STATUS=capturing"), 60, "the capture to start")
         await asyncio.sleep(2.5)  # JFK is 11 s long: he is mid-sentence
-        process.send_signal(signal.SIGTERM)
-        _, stderr = await process.communicate()
-        return stderr
 
-    try:
-        stderr = await asyncio.wait_for(scenario(), timeout=120)
-    finally:
-        if process.returncode is None:
-            process.kill()
-    assert process.returncode == 0, stderr.decode()
-    with Spool(state / "spool") as spool:
+    code, stderr = await service_until_sigterm(speech_dir / "jfk.flac", mid_sentence)
+    assert code == 0, stderr.decode()
+    with Spool(Path(os.environ["HEIMDALL_STATE_DIR"]) / "spool") as spool:
         [record] = spool.list()
     assert record.trigger == "voice"
-    assert (
-        1.5 < record.timings_ms["listen"] / 1000 < 6.0
-    )  # cut at the stop, not at the end of the file
+    listened_s = record.timings_ms["listen"] / 1000
+    assert 1.5 < listened_s < 6.0  # cut at the stop, not at the end of the file
     assert "fellow americans" in record.transcript.lower()
     lines = notify.lines()
     assert lines.index("STATUS=capturing") < lines.index("STOPPING=1")

@@ -34,19 +34,7 @@ from heimdall_edge.devices.microphone import (
 from heimdall_edge.settings import MicrophoneSettings
 
 REPO = Path(__file__).resolve().parents[1]
-CLIP = "v2j_what_time_is_it.wav"
 TIMEOUT = 30
-
-
-@pytest.fixture(scope="module")
-def clip(speech_dir: Path) -> Path:
-    """A real recording (speech_dir: HEIMDALL_SPEECH_DIR or ../shared/speech, see conftest)."""
-    path = speech_dir / CLIP
-    if not path.is_file():
-        pytest.fail(
-            f"real recording {path} is missing: set HEIMDALL_SPEECH_DIR to the recordings folder"
-        )
-    return path
 
 
 # --- the real device through ALSA's file plugin ------------------------------------------------

@@ -20,7 +20,12 @@ import numpy as np
 
 from heimdall_edge.audio import FRAME_BYTES, FRAME_MS, SAMPLE_RATE, frames, noise, read_audio
 from heimdall_edge.devices.base import DeviceError, MicrophoneEnded
-from heimdall_edge.devices.portaudio import FALLBACK_RATES, find_device, quiet_portaudio
+from heimdall_edge.devices.portaudio import (
+    FALLBACK_RATES,
+    find_device,
+    first_supported_format,
+    quiet_portaudio,
+)
 from heimdall_edge.settings import MicrophoneSettings
 
 log = logging.getLogger(__name__)
@@ -32,21 +37,9 @@ FIRST_BACKOFF_S = 0.5
 
 def choose_input_format(pa: Any, index: int, name: str, rate: int | None) -> tuple[int, int]:
     """(rate, channels) to open the card with: 16 kHz mono if it takes it, else what it does."""
-    import pyaudio
-
     rates = (rate,) if rate else (SAMPLE_RATE, *FALLBACK_RATES)
-    for candidate in rates:
-        for channels in (1, 2):  # raw I2S / HAT devices are often stereo-only
-            try:
-                if pa.is_format_supported(
-                    candidate,
-                    input_device=index,
-                    input_channels=channels,
-                    input_format=pyaudio.paInt16,
-                ):
-                    return candidate, channels
-            except ValueError:
-                continue
+    if found := first_supported_format(pa, index, "input", rates):
+        return found
     raise DeviceError(
         f"input device {name!r} records at none of {', '.join(map(str, rates))} Hz as 16-bit "
         "mono or stereo: pick its plug/dsnoop ALSA device instead (see hardware/README.md) "

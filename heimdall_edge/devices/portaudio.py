@@ -87,3 +87,29 @@ def find_device(
         f"{kind} device {wanted!r} not found; {kind} devices: {describe_devices(devices)}. "
         f"Set {setting} to a name (or part of one) or an index from this list, and check `{tool}`"
     )
+
+
+def first_supported_format(
+    pa: Any, index: int, kind: Literal["input", "output"], rates: Iterable[int]
+) -> tuple[int, int] | None:
+    """The first (rate, channels) of `rates` x (mono, stereo) the device takes as 16-bit, or None.
+
+    Stereo is tried because raw I2S devices, amplifiers and HATs are often stereo-only.
+    """
+    import pyaudio
+
+    for rate in rates:
+        for channels in (1, 2):
+            try:
+                if pa.is_format_supported(
+                    rate,
+                    **{
+                        f"{kind}_device": index,
+                        f"{kind}_channels": channels,
+                        f"{kind}_format": pyaudio.paInt16,
+                    },
+                ):
+                    return rate, channels
+            except ValueError:  # PortAudio's way of saying "no"
+                continue
+    return None

@@ -18,7 +18,12 @@ import numpy as np
 
 from heimdall_edge.audio import SAMPLE_WIDTH, Audio
 from heimdall_edge.devices.base import DeviceError, Playback
-from heimdall_edge.devices.portaudio import FALLBACK_RATES, find_device, quiet_portaudio
+from heimdall_edge.devices.portaudio import (
+    FALLBACK_RATES,
+    find_device,
+    first_supported_format,
+    quiet_portaudio,
+)
 from heimdall_edge.settings import SpeakerSettings
 
 BLOCK_MS = 50
@@ -116,20 +121,8 @@ class OutputStream(Protocol):
 def choose_output_format(pa: Any, index: int, name: str, rate: int) -> tuple[int, int]:
     """(rate, channels) the card takes: the audio's own rate in mono if it can, else 48 or
     44.1 kHz, else stereo."""
-    import pyaudio
-
-    for candidate in dict.fromkeys((rate, *FALLBACK_RATES)):
-        for channels in (1, 2):  # I2S amplifiers and HATs are often stereo-only
-            try:
-                if pa.is_format_supported(
-                    candidate,
-                    output_device=index,
-                    output_channels=channels,
-                    output_format=pyaudio.paInt16,
-                ):
-                    return candidate, channels
-            except ValueError:
-                continue
+    if found := first_supported_format(pa, index, "output", dict.fromkeys((rate, *FALLBACK_RATES))):
+        return found
     raise DeviceError(
         f"output device {name!r} plays none of {rate}, 48000, 44100 Hz as 16-bit mono or stereo: "
         "set speaker.device to its plug/dmix ALSA device (see hardware/README.md)"
