@@ -7,7 +7,6 @@ The CLI and the tests build the appliance through these, so `run --simulate`,
 from __future__ import annotations
 
 import errno
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -93,7 +92,3 @@ def build_simulated_devices(
         speaker=WavFileSpeaker(speaker_wav, realtime=realtime),
     )
 
-
-def offline_environment() -> None:
-    """Never let a model library reach for the network at run time."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -66,7 +66,6 @@ def _settings() -> Settings:
     # Third-party chatter stays quiet unless asked for.
     for noisy in ("faster_whisper", "piper", "gpiozero", "botocore", "urllib3"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
-    builders.offline_environment()
     return settings
 
 
@@ -165,9 +164,7 @@ def demo(
     if result is None:
         _fail(RuntimeError(f"no speech heard in {audio_path}: nothing to answer"))
     if json_out:
-        payload = result.to_json()
-        payload.pop("error") if payload["error"] is None else None
-        _emit(payload)
+        _emit(result.to_json())
         return
     timings = result.timings_ms
     typer.echo(

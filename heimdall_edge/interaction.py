@@ -56,14 +56,17 @@ class TurnResult:
     interrupted: bool = False
 
     def to_json(self) -> dict[str, object]:
-        return {
+        """The `demo --json` contract; `error` appears only when a stage failed."""
+        payload: dict[str, object] = {
             "capture_id": self.capture_id,
             "transcript": self.transcript,
             "reply": self.reply,
             "engines": self.engines,
             "timings_ms": {k: round(v, 1) for k, v in self.timings_ms.items()},
-            "error": self.error,
         }
+        if self.error:
+            payload["error"] = self.error
+        return payload
 
 
 class Stopwatch:

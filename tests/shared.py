@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -65,3 +69,26 @@ async def until(
 def words(text: str) -> str:
     """Text reduced to lowercase words, for word error rates."""
     return " ".join(re.sub(r"[^a-z0-9' ]+", " ", text.lower()).split())
+
+
+def run_with_alsa_config(tmp_path: Path, asoundrc: str, child: str, args: dict) -> dict:
+    """Run `child` (Python source) in a process whose ALSA config is `asoundrc`.
+
+    ALSA reads ~/.asoundrc once, when PortAudio starts, so each device test gets
+    its own process and HOME. The child prints one JSON object as its last line.
+    """
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    (home / ".asoundrc").write_text(asoundrc)
+    env = {**os.environ, "HOME": str(home), "JACK_NO_START_SERVER": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", child, json.dumps(args)],
+        check=False,
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, f"child failed:\n{done.stderr[-4000:]}"
+    return json.loads(done.stdout.strip().splitlines()[-1])

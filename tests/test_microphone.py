@@ -10,17 +10,14 @@ length from the device and then plays a quiet, paced device.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import os
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from shared import run_with_alsa_config
 
 from heimdall_edge.audio import FRAME_BYTES, read_audio
 from heimdall_edge.devices.base import DeviceError, MicrophoneEnded
@@ -109,9 +106,6 @@ asyncio.run(main())
 def run_child(
     tmp_path: Path, infile: Path, settings: dict, device_samples: int, frames: int
 ) -> dict:
-    home = tmp_path / "home"
-    home.mkdir(exist_ok=True)
-    (home / ".asoundrc").write_text(ASOUNDRC.format(infile=infile))
     out = tmp_path / "captured.raw"
     args = {
         "settings": settings,
@@ -119,18 +113,7 @@ def run_child(
         "frames": frames,
         "out": str(out),
     }
-    env = {**os.environ, "HOME": str(home), "JACK_NO_START_SERVER": "1"}
-    done = subprocess.run(
-        [sys.executable, "-c", CHILD, json.dumps(args)],
-        check=False,
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-    )
-    assert done.returncode == 0, f"child failed:\n{done.stderr[-4000:]}"
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_with_alsa_config(tmp_path, ASOUNDRC.format(infile=infile), CHILD, args)
     if out.exists():
         result["pcm"] = out.read_bytes()
     return result

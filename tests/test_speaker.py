@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
+from shared import run_with_alsa_config
 
 from heimdall_edge.audio import Audio, read_audio
 from heimdall_edge.devices.base import DeviceError
@@ -92,28 +89,15 @@ asyncio.run(main())
 def play_in_child(
     tmp_path: Path, chunks: list[Audio], device: str | None, stop_before: int = -1
 ) -> dict:
-    home, out = tmp_path / "home", tmp_path / "out"
-    home.mkdir(exist_ok=True)
+    out = tmp_path / "out"
     out.mkdir(exist_ok=True)
-    (home / ".asoundrc").write_text(ASOUNDRC.format(out=out))
     listed = []
     for i, chunk in enumerate(chunks):
         path = tmp_path / f"chunk{i}.raw"
         path.write_bytes(chunk.pcm)
         listed.append((str(path), chunk.sample_rate))
     args = {"device": device, "chunks": listed, "stop_before": stop_before}
-    env = {**os.environ, "HOME": str(home), "JACK_NO_START_SERVER": "1"}
-    done = subprocess.run(
-        [sys.executable, "-c", CHILD, json.dumps(args)],
-        check=False,
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-    )
-    assert done.returncode == 0, f"child failed:\n{done.stderr[-4000:]}"
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_with_alsa_config(tmp_path, ASOUNDRC.format(out=out), CHILD, args)
 
 
 def test_real_pyaudio_playback_writes_exactly_what_was_played(tmp_path, clip):
