@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -25,8 +26,10 @@ from heimdall_edge.devices.base import (
     Speaker,
 )
 from heimdall_edge.devices.camera import frames_while
-from heimdall_edge.interaction import Engines, Interaction, TurnResult
+from heimdall_edge.durable import replace_file
+from heimdall_edge.interaction import FIXED_PHRASES, Interaction, TurnResult
 from heimdall_edge.listening import Listener
+from heimdall_edge.routing import Engines
 from heimdall_edge.sdnotify import HealthWatchdog, Notifier
 from heimdall_edge.settings import Settings
 from heimdall_edge.spool import Spool
@@ -34,6 +37,7 @@ from heimdall_edge.spool import Spool
 log = logging.getLogger(__name__)
 
 MIC_STALL_S = 1.0  # a read this slow means the device is away: report it, keep the loop alive
+STATUS_FILE = "status.json"
 TURN_HEALTHY_S = 120.0  # a turn still running after this is wedged: stop vouching for it
 
 
@@ -126,15 +130,26 @@ class Appliance:
             self.notifier.status("loading speech models")
             started = time.monotonic()
             await self.engines.load()
-            log.info("speech models loaded in %.1f s", time.monotonic() - started)
+            rendered = await self.engines.prerender(FIXED_PHRASES)
+            log.info(
+                "speech models loaded in %.1f s (%d fixed phrases rendered)",
+                time.monotonic() - started,
+                rendered,
+            )
         if not self.devices.camera.available:
             log.warning("no camera: captures will hold audio only")
         self.devices.indicator.show(IndicatorState.IDLE)
-        self.notifier.ready(f"listening ({self.settings.listening.mode})")
+        await asyncio.to_thread(self._write_status)
+        self.notifier.ready(self._idle_status())
 
     async def serve(self, stop: asyncio.Event) -> None:
         """Turn after turn until `stop` is set; an error in one turn never ends the loop."""
         watchdog = asyncio.create_task(self.watchdog.run(), name="watchdog")
+        background = [watchdog]
+        if self.engines.connectivity is not None and self.engines.policies:
+            background.append(
+                asyncio.create_task(self.engines.connectivity.run(), name="connectivity")
+            )
         try:
             while not stop.is_set():
                 turn = asyncio.create_task(self.one_turn(), name="turn")
@@ -147,9 +162,10 @@ class Appliance:
                 self._report(turn)
         finally:
             self.notifier.stopping("finishing the current capture")
-            watchdog.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watchdog
+            for task in background:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     async def _finish_for_stop(self, turn: asyncio.Task[TurnResult | None]) -> None:
         """On SIGTERM: end the capture now, cut playback, and let the spool finish writing."""
@@ -198,7 +214,7 @@ class Appliance:
         if not utterance.has_speech:
             log.info("capture ended (%s) without speech: nothing kept", utterance.reason.value)
             self.devices.indicator.show(IndicatorState.IDLE)
-            self.notifier.status(f"listening ({self.settings.listening.mode})")
+            self.notifier.status(self._idle_status())
             return None
         self.notifier.status("answering")
         self._playback_stop.clear()
@@ -222,8 +238,32 @@ class Appliance:
             result.reply,
             ", ".join(f"{k} {v:.0f} ms" for k, v in result.timings_ms.items()),
         )
-        self.notifier.status(f"listening ({self.settings.listening.mode})")
+        self.notifier.status(self._idle_status())
+        await asyncio.to_thread(self._write_status)
         return result
+
+    def _idle_status(self) -> str:
+        """The STATUS= line while waiting: mode, and the cloud as the breakers see it."""
+        text = f"listening ({self.settings.listening.mode})"
+        policies = {p.service: p.breaker.state.value for p in self.engines.policies}
+        if policies:
+            network = "online" if self.engines.online else "offline"
+            text += f"; cloud {network}: " + ", ".join(
+                f"{k} {v}" for k, v in sorted(policies.items())
+            )
+        return text
+
+    def _write_status(self) -> None:
+        """status.json for `heimdall-edge doctor`: breakers, connectivity, spool counts."""
+        status = {
+            "updated_at": time.time(),
+            "online": self.engines.online,
+            "breakers": {p.service: p.breaker.snapshot() for p in self.engines.policies},
+            "captures": self.spool.counts(),
+        }
+        replace_file(
+            self.settings.state_dir / STATUS_FILE, json.dumps(status, default=str).encode()
+        )
 
     async def _vouch_for_turn(self) -> None:
         """Beat while a turn runs (inference can take seconds on a Pi), but only up to a bound.

@@ -12,20 +12,112 @@ from pathlib import Path
 from typing import Any
 
 from heimdall_edge.appliance import Devices
+from heimdall_edge.connectivity import Connectivity, tcp_probe
+from heimdall_edge.engines.cloud_reply import CloudReplyEngine
+from heimdall_edge.engines.elevenlabs import ElevenLabsEngine
 from heimdall_edge.engines.faster_whisper import FasterWhisperEngine
 from heimdall_edge.engines.offline_reply import OfflineReplyEngine
+from heimdall_edge.engines.openai_whisper import OpenAIWhisperEngine
 from heimdall_edge.engines.piper import PiperEngine
-from heimdall_edge.interaction import Engines
+from heimdall_edge.resilience import CallPolicy, CircuitBreaker, RateLimit
+from heimdall_edge.routing import Cloud, Engines
 from heimdall_edge.settings import Settings, SettingsError
 from heimdall_edge.spool import Spool
+from heimdall_edge.voice_cache import VoiceCache
+
+OPENAI_DEFAULT_URL = "https://api.openai.com/v1"
 
 
-def build_engines(settings: Settings) -> Engines:
-    return Engines(
+def build_engines(settings: Settings, *, voice_cache: bool = True) -> Engines:
+    """Local engines always; each cloud engine too when its key is set and the cloud is enabled.
+
+    `voice_cache=False` for commands that never speak and may run without a writable state dir.
+    """
+    secrets, cloud, resilience = settings.secrets, settings.cloud, settings.resilience
+    connectivity = Connectivity(
+        tcp_probe(settings.openai_base_url or OPENAI_DEFAULT_URL),
+        probe_interval_s=resilience.probe_interval_s,
+    )
+
+    def policy(
+        service: str, breaker: CircuitBreaker, limit: RateLimit, deadline_s: float
+    ) -> CallPolicy:
+        return CallPolicy(
+            service,
+            breaker,
+            limit,
+            deadline_s=deadline_s,
+            max_attempts=resilience.max_attempts,
+            connectivity=connectivity,
+        )
+
+    def breaker(service: str) -> CircuitBreaker:
+        return CircuitBreaker(
+            service,
+            failure_threshold=resilience.failure_threshold,
+            window_s=resilience.failure_window_s,
+            reset_s=resilience.reset_s,
+            auth_reset_s=resilience.auth_reset_s,
+        )
+
+    engines = Engines(
         stt=FasterWhisperEngine(settings.stt, settings.models),
         reply=OfflineReplyEngine(),
         tts=PiperEngine(settings.tts, settings.models),
+        hedge_after_s={
+            "stt": resilience.stt_hedge_after_ms / 1000,
+            "reply": resilience.reply_hedge_after_ms / 1000,
+            "tts": resilience.tts_hedge_after_ms / 1000,
+        },
+        cache=VoiceCache(
+            settings.state_dir / "voice-cache", int(settings.voice_cache.max_mb * 1024**2)
+        )
+        if voice_cache and settings.voice_cache.max_mb
+        else None,
+        connectivity=connectivity,
     )
+    if cloud.enabled and secrets.openai_api_key is not None:
+        from openai import AsyncOpenAI
+
+        client = AsyncOpenAI(
+            api_key=secrets.openai_api_key.get_secret_value(),
+            base_url=settings.openai_base_url or OPENAI_DEFAULT_URL,
+            max_retries=0,  # one retry layer: ours
+        )
+        openai_breaker, openai_limit = (
+            breaker("openai"),
+            RateLimit(resilience.requests_per_minute, resilience.concurrency),
+        )
+        engines.cloud_stt = Cloud(
+            OpenAIWhisperEngine(client, model=cloud.stt_model, language=settings.stt.language),
+            policy("openai", openai_breaker, openai_limit, resilience.stt_deadline_s),
+        )
+        engines.cloud_reply = Cloud(
+            CloudReplyEngine(client, model=cloud.reply_model, max_tokens=cloud.reply_max_tokens),
+            policy("openai", openai_breaker, openai_limit, resilience.reply_deadline_s),
+        )
+    if cloud.enabled and secrets.elevenlabs_api_key is not None:
+        from elevenlabs.client import AsyncElevenLabs
+
+        elevenlabs = AsyncElevenLabs(
+            api_key=secrets.elevenlabs_api_key.get_secret_value(),
+            base_url=settings.elevenlabs_base_url,
+        )
+        engines.cloud_tts = Cloud(
+            ElevenLabsEngine(
+                elevenlabs,
+                voice_id=cloud.tts_voice_id,
+                model=cloud.tts_model,
+                output_format=cloud.tts_output_format,
+            ),
+            policy(
+                "elevenlabs",
+                breaker("elevenlabs"),
+                RateLimit(resilience.requests_per_minute, resilience.concurrency),
+                resilience.tts_deadline_s,
+            ),
+        )
+    return engines
 
 
 def prepare_state_dir(settings: Settings) -> Path:
@@ -91,4 +183,3 @@ def build_simulated_devices(
         camera=SyntheticCamera(settings.camera),
         speaker=WavFileSpeaker(speaker_wav, realtime=realtime),
     )
-

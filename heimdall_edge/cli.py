@@ -201,18 +201,18 @@ async def _demo(settings: Settings, audio_path: Path) -> Any:
 def transcribe(
     audio: Annotated[Path, typer.Argument(help="WAV or FLAC file.")], json_out: JsonOption = False
 ) -> None:
-    """Transcribe an audio file with the on-device engine."""
+    """Transcribe an audio file: the cloud when it answers, else on the device."""
     try:
         settings = _settings()
         clip = read_audio(audio)
     except EXPECTED_ERRORS as exc:
         _fail(exc)
-    engine = builders.build_engines(settings).stt
+    engines = builders.build_engines(settings, voice_cache=False)
 
     async def go() -> tuple[str, str, float]:
-        await engine.load()
+        await engines.load()
         started = time.perf_counter()
-        transcript = await engine.transcribe(clip)
+        transcript = await engines.transcribe(clip)
         return transcript.text, transcript.engine, (time.perf_counter() - started) * 1000
 
     text, name, latency_ms = _run(go())
@@ -246,20 +246,21 @@ def say(
 
 async def _say(settings: Settings, text: str, output: Path | None) -> dict[str, Any]:
     from heimdall_edge.devices.speaker import PyAudioSpeaker, WavFileSpeaker
-    from heimdall_edge.streams import prefetch
 
-    engine = builders.build_engines(settings).tts
-    await engine.load()
+    builders.prepare_state_dir(settings)  # the voice cache lives there
+    engines = builders.build_engines(settings)
+    await engines.load()
     speaker = WavFileSpeaker(output, realtime=False) if output else PyAudioSpeaker(settings.speaker)
     started = time.monotonic()
     try:
-        playback = await speaker.play(prefetch(engine.synthesize(text)), asyncio.Event())
+        speech = await engines.speak(text)
+        playback = await speaker.play(speech.items(), asyncio.Event())
     finally:
         await speaker.aclose()
     first = playback.first_audio_at
     return {
-        "engine": engine.name,
-        "cached": False,
+        "engine": speech.engine,
+        "cached": speech.cached,
         "first_audio_ms": round((first - started) * 1000, 1) if first else None,
         "audio_seconds": round(playback.seconds, 3),
     }

@@ -13,36 +13,30 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 
 from heimdall_edge.audio import Audio, resample, wav_bytes
 from heimdall_edge.devices.base import Indicator, IndicatorState, Playback, Speaker
 from heimdall_edge.earcon import ERROR_EARCON
-from heimdall_edge.engines.base import ReplyEngine, ReplyRequest, SpeechToText, TextToSpeech
+from heimdall_edge.engines.base import ReplyRequest
+from heimdall_edge.engines.offline_reply import OFFLINE_ACK
 from heimdall_edge.listening import Utterance
+from heimdall_edge.routing import Engines
 from heimdall_edge.spool import Spool, SpoolFullError
 from heimdall_edge.streams import prefetch
 
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
+T = TypeVar("T")
 
 SAY_NOT_UNDERSTOOD = "Sorry, I couldn't make that out. I kept the recording."
 SAY_NO_REPLY = "I kept that, but I can't answer right now."
 SAY_STORAGE_FULL = "My storage is full, so I couldn't keep that."
-
-
-@dataclass
-class Engines:
-    """The engines one turn uses, one per stage."""
-
-    stt: SpeechToText
-    reply: ReplyEngine
-    tts: TextToSpeech
-
-    async def load(self) -> None:
-        await asyncio.gather(self.stt.load(), self.tts.load())
+FIXED_PHRASES = [SAY_NOT_UNDERSTOOD, SAY_NO_REPLY, SAY_STORAGE_FULL, OFFLINE_ACK]
+"""Rendered into the voice cache at start-up, so they can always be spoken without the cloud."""
 
 
 @dataclass
@@ -144,51 +138,64 @@ class Interaction:
         engines = self._engines
         with watch.stage("transcribe"):
             try:
-                transcript = await engines.stt.transcribe(utterance.audio)
+                transcript = await engines.transcribe(utterance.audio)
             except Exception as exc:
                 log.exception("speech-to-text failed for capture %s", result.capture_id)
                 result.error = f"transcribe: {exc}"
-                await self._speak(result, SAY_NOT_UNDERSTOOD, utterance, stop, watch)
+                await self._speak(result, _one(SAY_NOT_UNDERSTOOD), utterance, stop, watch)
                 return
         result.transcript = transcript.text
         result.engines["stt"] = transcript.engine
         with watch.stage("reply"):
+            pending = await asyncio.to_thread(self._pending_count)
             request = ReplyRequest(
                 transcript=transcript.text,
                 capture_id=result.capture_id or "",
                 image_jpeg=frames[-1] if frames else None,
-                status={"pending_captures": str(await asyncio.to_thread(self._pending_count))},
+                status={"pending_captures": str(pending), "online": str(engines.online).lower()},
             )
             try:
-                reply = await engines.reply.reply(request)
-                result.reply, result.engines["reply"] = reply.text, reply.engine
+                answer = await engines.reply(request)
+                result.engines["reply"] = answer.engine
+                sentences = answer.items()
             except Exception as exc:
                 log.exception("reply failed for capture %s", result.capture_id)
                 result.error = f"reply: {exc}"
-                result.reply = SAY_NO_REPLY
-        await self._speak(result, result.reply or SAY_NO_REPLY, utterance, stop, watch)
+                sentences = _one(SAY_NO_REPLY)
+        spoken = await self._speak(result, sentences, utterance, stop, watch)
+        result.reply = " ".join(spoken)
 
     async def _speak(
         self,
         result: TurnResult,
-        text: str,
+        sentences: AsyncIterator[str],
         utterance: Utterance,
         stop: asyncio.Event,
         watch: Stopwatch,
-    ) -> None:
-        """Speak `text`, keep what was played as reply.wav, and time the first audio."""
+    ) -> list[str]:
+        """Speak sentences as they come, keep what was played as reply.wav, time the first audio.
+
+        Returns the sentences that were spoken (or were about to be, when a press cut it short).
+        """
         played: list[Audio] = []
+        spoken: list[str] = []
+
+        async def audio() -> AsyncIterator[Audio]:
+            async for sentence in sentences:
+                spoken.append(sentence)
+                speech = await self._engines.speak(sentence)
+                result.engines.setdefault("tts", speech.engine)
+                async for chunk in speech.items():
+                    yield chunk
+
         self._indicator.show(IndicatorState.SPEAKING)
         with watch.stage("speak"):
             try:
-                playback = await self._speaker.play(
-                    _tee(prefetch(self._engines.tts.synthesize(text)), played), stop
-                )
-                result.engines["tts"] = self._engines.tts.name
+                playback = await self._speaker.play(_tee(prefetch(audio()), played), stop)
             except Exception as exc:
                 log.exception("text-to-speech failed for capture %s", result.capture_id)
                 result.error = result.error or f"speak: {exc}"
-                playback = await self._speaker.play(_once(ERROR_EARCON), stop)
+                playback = await self._speaker.play(_one(ERROR_EARCON), stop)
         result.interrupted = playback.interrupted
         if playback.first_audio_at is not None:
             watch.timings_ms["end_to_first_audio"] = (
@@ -198,14 +205,16 @@ class Interaction:
             await asyncio.to_thread(
                 self._spool.add_file, result.capture_id, "reply.wav", _join(played)
             )
+        return spoken
 
     async def _say(self, text: str, stop: asyncio.Event) -> Playback:
         """A message outside any capture (e.g. storage full): speech, else an earcon."""
         try:
-            return await self._speaker.play(prefetch(self._engines.tts.synthesize(text)), stop)
+            speech = await self._engines.speak(text)
+            return await self._speaker.play(speech.items(), stop)
         except Exception:
             log.exception("could not speak %r", text)
-            return await self._speaker.play(_once(ERROR_EARCON), stop)
+            return await self._speaker.play(_one(ERROR_EARCON), stop)
 
     async def _record(self, result: TurnResult) -> None:
         if result.capture_id is None:
@@ -235,8 +244,8 @@ async def _tee(chunks: AsyncIterator[Audio], sink: list[Audio]) -> AsyncIterator
         yield chunk
 
 
-async def _once(audio: Audio) -> AsyncIterator[Audio]:
-    yield audio
+async def _one(item: T) -> AsyncIterator[T]:
+    yield item
 
 
 def _join(chunks: list[Audio]) -> bytes:

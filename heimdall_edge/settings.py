@@ -115,6 +115,59 @@ class TextToSpeechSettings(Section):
     """Speaking pace: above 1 is slower. Unset: the voice's own."""
 
 
+class CloudSettings(Section):
+    enabled: bool = True
+    """Prefer the cloud engines when their API keys are set. Off: on-device engines only."""
+    stt_model: str = "whisper-1"
+    """OpenAI speech-to-text model."""
+    reply_model: str = "gpt-4o-mini"
+    """OpenAI chat model that answers (it sees the latest camera frame)."""
+    reply_max_tokens: Annotated[int, Field(ge=16, le=1000)] = 120
+    """Longest cloud answer, in tokens: one or two spoken sentences."""
+    tts_voice_id: str = "JBFqnCBsd6RMkjVDRZzb"
+    """ElevenLabs voice id."""
+    tts_model: str = "eleven_flash_v2_5"
+    """ElevenLabs model; the flash models have the lowest latency."""
+    tts_output_format: Literal["pcm_16000", "pcm_22050", "pcm_24000"] = "pcm_16000"
+    """ElevenLabs PCM format, played as it streams in."""
+
+
+class ResilienceSettings(Section):
+    stt_hedge_after_ms: Annotated[int, Field(ge=0, le=30_000)] = 1500
+    """If the cloud has not transcribed within this, start faster-whisper too; the first good answer wins."""
+    reply_hedge_after_ms: Annotated[int, Field(ge=0, le=30_000)] = 1500
+    """If the cloud has not started answering within this, start the offline answer too."""
+    tts_hedge_after_ms: Annotated[int, Field(ge=0, le=30_000)] = 1000
+    """If the cloud has sent no audio within this, start Piper too."""
+    stt_deadline_s: Annotated[float, Field(gt=0, le=120)] = 10.0
+    """Longest a cloud transcription may take, retries included."""
+    reply_deadline_s: Annotated[float, Field(gt=0, le=120)] = 10.0
+    """Longest the cloud may take to start answering, retries included."""
+    tts_deadline_s: Annotated[float, Field(gt=0, le=120)] = 8.0
+    """Longest the cloud may take to send the first audio, retries included."""
+    max_attempts: Annotated[int, Field(ge=1, le=5)] = 2
+    """Attempts per cloud call (only rate limits, 5xx, timeouts and connection errors are retried)."""
+    failure_threshold: Annotated[int, Field(ge=1, le=100)] = 3
+    """Failures within failure_window_s that open a service's circuit breaker."""
+    failure_window_s: Annotated[float, Field(gt=0, le=3600)] = 60.0
+    """Window in which failures are counted."""
+    reset_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    """How long an open breaker waits before letting one probe call through."""
+    auth_reset_s: Annotated[float, Field(gt=0, le=86_400)] = 600.0
+    """After a 401/403 the breaker stays open this long: a bad key does not fix itself."""
+    requests_per_minute: Annotated[int, Field(ge=1, le=10_000)] = 60
+    """Per-service request rate limit."""
+    concurrency: Annotated[int, Field(ge=1, le=16)] = 2
+    """Per-service requests in flight at once."""
+    probe_interval_s: Annotated[float, Field(gt=0, le=3600)] = 15.0
+    """While offline, how often to check whether the cloud is reachable again."""
+
+
+class VoiceCacheSettings(Section):
+    max_mb: Annotated[float, Field(ge=0, le=100_000)] = 64.0
+    """Disk the text-to-speech cache may use under the state dir (least recently used evicted); 0 turns it off."""
+
+
 class EngineSettings(Section):
     preload: bool = True
     """Load the speech models at start-up, before READY, so the first reply is as fast as the rest."""
@@ -147,6 +200,10 @@ class Settings(BaseSettings):
     """Speech models (HEIMDALL_MODELS_DIR). Unset: <state_dir>/models."""
     device_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")] | None = None
     """Name of this device in capture records (HEIMDALL_DEVICE_ID). Unset: derived from /etc/machine-id."""
+    openai_base_url: Annotated[str, Field(pattern=r"^https?://")] | None = None
+    """OpenAI-compatible API base URL (HEIMDALL_OPENAI_BASE_URL). Unset: https://api.openai.com/v1."""
+    elevenlabs_base_url: Annotated[str, Field(pattern=r"^https?://")] | None = None
+    """ElevenLabs-compatible API base URL (HEIMDALL_ELEVENLABS_BASE_URL). Unset: https://api.elevenlabs.io."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Journal verbosity; DEBUG adds per-frame and per-request detail."""
     stop_grace_s: Annotated[float, Field(gt=0, le=60)] = 15.0
@@ -160,6 +217,9 @@ class Settings(BaseSettings):
     stt: SpeechToTextSettings = SpeechToTextSettings()
     tts: TextToSpeechSettings = TextToSpeechSettings()
     engines: EngineSettings = EngineSettings()
+    cloud: CloudSettings = CloudSettings()
+    resilience: ResilienceSettings = ResilienceSettings()
+    voice_cache: VoiceCacheSettings = VoiceCacheSettings()
     secrets: Secrets = Field(default=Secrets(), exclude=True)
 
     @classmethod

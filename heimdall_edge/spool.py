@@ -16,8 +16,6 @@ from __future__ import annotations
 import builtins
 import contextlib
 import dataclasses
-import errno
-import fcntl
 import hashlib
 import json
 import logging
@@ -35,6 +33,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, Self, TypedDict, get_args
 
+from heimdall_edge import durable
+
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
@@ -49,9 +49,6 @@ AUDIO_NAME = "audio.wav"
 RECORD_NAME = "capture.json"
 INDEX_NAME = "index.sqlite3"
 LOCK_NAME = "spool.lock"
-TEMP_PREFIX = ".tmp-"
-DIR_MODE = 0o700
-FILE_MODE = 0o600
 BUSY_TIMEOUT_S = 10.0
 
 CAPTURE_ID = re.compile(r"\d{8}T\d{9}Z-[0-9a-f]{8}")
@@ -81,10 +78,6 @@ class SpoolError(Exception):
 
 class SpoolFullError(SpoolError):
     """The disk under the spool is full; nothing of the failed write was kept."""
-
-
-class IndexDamaged(Exception):
-    """The index database is unreadable; the capture folders can rebuild it."""
 
 
 class CaptureNotFoundError(SpoolError, KeyError):
@@ -211,10 +204,10 @@ class Spool:
         try:
             self.root.parent.mkdir(parents=True, exist_ok=True)
             for folder in (self.root, self._captures, self._tmp, self._quarantine):
-                _make_dir(folder)
-            _fsync_dir(self.root)
-            _fsync_dir(self.root.parent)
-            self._lock_fd = _open_file(self.root / LOCK_NAME)
+                durable.make_private_dir(folder)
+            durable.fsync_dir(self.root)
+            durable.fsync_dir(self.root.parent)
+            self._lock_fd = durable.open_private_file(self.root / LOCK_NAME)
         except OSError as exc:
             raise SpoolError(
                 f"cannot open the spool at {self.root}: {exc}; "
@@ -228,17 +221,12 @@ class Spool:
 
     def _open(self) -> RecoveryReport:
         """Take the cross-process lock, open the index and, if first in, repair."""
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            owner = True
-        except BlockingIOError:
-            owner = False
-            fcntl.flock(self._lock_fd, fcntl.LOCK_SH)  # waits while the owner is repairing
+        owner = durable.lock_first_opener(self._lock_fd)  # waits while another opener repairs
         rebuilt = False
         try:
             try:
                 self._db = _connect(self.root / INDEX_NAME)
-            except IndexDamaged as exc:
+            except durable.IndexDamaged as exc:
                 if not owner:
                     raise SpoolError(
                         f"the spool index {self.root / INDEX_NAME} is damaged ({exc}) and another "
@@ -259,7 +247,7 @@ class Spool:
         except (OSError, sqlite3.Error) as exc:
             self._db.close()
             raise SpoolError(f"cannot repair the spool at {self.root}: {exc}") from exc
-        fcntl.flock(self._lock_fd, fcntl.LOCK_SH)  # others may open it now
+        durable.share_lock(self._lock_fd)  # others may open it now
         return report
 
     def close(self) -> None:
@@ -306,15 +294,15 @@ class Spool:
         staging, final = self._tmp / capture_id, self._captures / capture_id
         published = False
         try:
-            _make_dir(staging, exist_ok=False)
+            durable.make_private_dir(staging, exist_ok=False)
             try:
                 for name, data in contents.items():
-                    _write_file(staging / name, data)
-                _write_file(staging / RECORD_NAME, _record_file_bytes(record))
-                _fsync_dir(staging)
+                    durable.write_new_file(staging / name, data)
+                durable.write_new_file(staging / RECORD_NAME, _record_file_bytes(record))
+                durable.fsync_dir(staging)
                 os.rename(staging, final)
                 published = True
-                _fsync_dir(self._captures)
+                durable.fsync_dir(self._captures)
                 with self._transaction():
                     self._put_row(record)
             except BaseException:
@@ -339,9 +327,9 @@ class Spool:
                 f"not starting with a dot, and not {RECORD_NAME!r}"
             )
         folder = self._folder(capture_id)
-        temp = folder / _temp_name()
+        temp = folder / durable.temp_name()
         try:
-            _write_file(temp, data)
+            durable.write_new_file(temp, data)
             with self._transaction():
                 record = _read_record(folder)
                 if name in record.files:
@@ -353,8 +341,8 @@ class Spool:
                 record = _validated(dataclasses.replace(record, files=files))
                 self._put_row(record)
                 os.rename(temp, folder / name)
-                _fsync_dir(folder)
-                _replace_file(folder, RECORD_NAME, _record_file_bytes(record))
+                durable.fsync_dir(folder)
+                durable.replace_file(folder / RECORD_NAME, _record_file_bytes(record))
         except BaseException as exc:
             # Once renamed, the file may already be listed: leave it to recovery.
             with contextlib.suppress(FileNotFoundError):
@@ -377,7 +365,7 @@ class Spool:
             with self._transaction():
                 record = _validated(dataclasses.replace(_read_record(folder), **fields))
                 self._put_row(record)
-                _replace_file(folder, RECORD_NAME, _record_file_bytes(record))
+                durable.replace_file(folder / RECORD_NAME, _record_file_bytes(record))
         except (OSError, sqlite3.Error) as exc:
             raise self._storage_error(exc, f"capture {capture_id} was not updated") from exc
         return record
@@ -441,16 +429,8 @@ class Spool:
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
         """Serialise a read-modify-write across threads (lock) and processes (sqlite)."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield
-                self._db.execute("COMMIT")
-            except BaseException:
-                if self._db.in_transaction:
-                    with contextlib.suppress(sqlite3.Error):
-                        self._db.execute("ROLLBACK")
-                raise
+        with self._lock, durable.write_transaction(self._db):
+            yield
 
     def _put_row(self, record: CaptureRecord) -> None:
         self._db.execute(
@@ -465,26 +445,22 @@ class Spool:
         return folder
 
     def _storage_error(self, exc: OSError | sqlite3.Error, outcome: str) -> SpoolError:
-        full = (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) or (
-            isinstance(exc, sqlite3.Error)
-            and getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
-        )
-        if full:
+        if durable.is_disk_full(exc):
             return SpoolFullError(
                 f"the disk holding the spool ({self.root}) is full, so {outcome}: free space "
                 "(delete old synced captures or logs) or move the state directory to a larger disk"
             )
         return SpoolError(f"{outcome}: {exc}")
 
-    def _set_index_aside(self, exc: IndexDamaged) -> None:
+    def _set_index_aside(self, exc: durable.IndexDamaged) -> None:
         """Move a damaged index to quarantine; the capture folders rebuild it."""
         target = _free_name(self._quarantine, f"{INDEX_NAME}.{datetime.now(UTC):%Y%m%dT%H%M%SZ}")
-        for suffix in ("", "-wal", "-shm"):
+        for suffix in durable.SQLITE_SUFFIXES:
             source = self.root / (INDEX_NAME + suffix)
             if source.exists():
                 os.rename(source, target.with_name(target.name + suffix))
-        _fsync_dir(self._quarantine)
-        _fsync_dir(self.root)
+        durable.fsync_dir(self._quarantine)
+        durable.fsync_dir(self.root)
         log.warning(
             "spool index %s is damaged (%s): moved it to %s, rebuilding it from the capture folders",
             self.root / INDEX_NAME, exc, target,
@@ -494,11 +470,11 @@ class Spool:
         """Bring tmp/, captures/ and the index back to agreement after a crash."""
         counts: Counter[str] = Counter()
         for entry in _entries(self._tmp):
-            _remove(entry)
+            durable.remove(entry)
             counts["staging_removed"] += 1
             log.info("removed %s: a capture interrupted before it was acknowledged", entry)
         if counts["staging_removed"]:
-            _fsync_dir(self._tmp)
+            durable.fsync_dir(self._tmp)
         rows = dict(self._db.execute("SELECT capture_id, record FROM captures").fetchall())
         on_disk: set[str] = set()
         quarantined: set[str] = set()
@@ -534,8 +510,8 @@ class Spool:
         if not CAPTURE_ID.fullmatch(folder.name):
             return None, "the folder name is not a capture id"
         for entry in _entries(folder):
-            if entry.name.startswith(TEMP_PREFIX):
-                _remove(entry)
+            if entry.name.startswith(durable.TEMP_PREFIX):
+                durable.remove(entry)
                 counts["temp_files_removed"] += 1
         try:
             record = _read_record(folder)
@@ -550,7 +526,7 @@ class Spool:
                 return None, problem
         for entry in _entries(folder):
             if entry.name != RECORD_NAME and entry.name not in record.files:
-                _remove(entry)
+                durable.remove(entry)
                 counts["unlisted_files_removed"] += 1
                 log.info(
                     "removed %s: not listed in its %s (interrupted add_file)", entry, RECORD_NAME
@@ -560,8 +536,8 @@ class Spool:
     def _quarantine_entry(self, entry: Path, reason: str) -> None:
         target = _free_name(self._quarantine, entry.name)
         os.rename(entry, target)
-        _fsync_dir(self._quarantine)
-        _fsync_dir(entry.parent)
+        durable.fsync_dir(self._quarantine)
+        durable.fsync_dir(entry.parent)
         log.warning("quarantined capture %s: %s (moved to %s)", entry.name, reason, target)
 
 
@@ -731,100 +707,11 @@ def _check_file(path: Path, info: FileInfo, full_check: bool) -> str:
 
 def _connect(path: Path) -> sqlite3.Connection:
     """Open the index in WAL mode with FULL sync: a committed row survives a power cut."""
-    if not path.exists():
-        os.close(_open_file(path))  # sqlite gives -wal and -shm the mode of the database
-    db = sqlite3.connect(
-        path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_S
-    )
-    try:
-        mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        if mode != "wal":
-            raise sqlite3.OperationalError(f"journal mode is {mode}, WAL is needed")
-        db.execute("PRAGMA synchronous=FULL")
-        check = db.execute("PRAGMA quick_check").fetchone()[0]
-        if check != "ok":
-            raise IndexDamaged(f"quick_check: {check}")
-        db.executescript(SCHEMA)
-    except sqlite3.DatabaseError as exc:
-        db.close()
-        if getattr(exc, "sqlite_errorcode", None) in (
-            sqlite3.SQLITE_CORRUPT,
-            sqlite3.SQLITE_NOTADB,
-        ):
-            raise IndexDamaged(str(exc)) from exc
-        raise
-    except BaseException:
-        db.close()
-        raise
-    for suffix in ("", "-wal", "-shm"):
-        with contextlib.suppress(FileNotFoundError):
-            os.chmod(f"{path}{suffix}", FILE_MODE)
-    return db
-
-
-def _make_dir(path: Path, exist_ok: bool = True) -> None:
-    try:
-        os.mkdir(path, DIR_MODE)
-    except FileExistsError:
-        if not exist_ok:
-            raise
-    os.chmod(path, DIR_MODE)  # mkdir's mode is filtered by the umask
-
-
-def _open_file(path: Path) -> int:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
-    os.fchmod(fd, FILE_MODE)
-    return fd
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    """Create a file holding exactly `data`, on the disk (not just in the cache) on return."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
-    try:
-        os.fchmod(fd, FILE_MODE)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _replace_file(folder: Path, name: str, data: bytes) -> None:
-    """Swap a file's content in one rename, so readers see the old or the new, never half."""
-    temp = folder / _temp_name()
-    try:
-        _write_file(temp, data)
-        os.replace(temp, folder / name)
-        _fsync_dir(folder)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a directory's entries (a create, a rename) durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _temp_name() -> str:
-    return TEMP_PREFIX + os.urandom(6).hex()
+    return durable.open_sqlite(path, SCHEMA, synchronous="FULL", busy_timeout_s=BUSY_TIMEOUT_S)
 
 
 def _entries(folder: Path) -> list[Path]:
     return sorted(Path(entry.path) for entry in os.scandir(folder))
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
 
 
 def _free_name(folder: Path, name: str) -> Path:

@@ -154,7 +154,7 @@ async def test_button_press_while_speaking_stops_the_reply(
     from heimdall_edge.appliance import Appliance
     from heimdall_edge.engines.base import ReplyRequest
     from heimdall_edge.engines.offline_reply import OfflineReplyEngine
-    from heimdall_edge.interaction import Engines
+    from heimdall_edge.routing import Engines
 
     long_reply = " ".join(["Here is a very long answer that keeps going."] * 8)
 

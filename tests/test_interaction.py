@@ -14,11 +14,12 @@ from heimdall_edge.audio import Audio, read_audio
 from heimdall_edge.devices.base import IndicatorState
 from heimdall_edge.devices.speaker import WavFileSpeaker
 from heimdall_edge.earcon import ERROR_EARCON
-from heimdall_edge.engines.base import Reply, ReplyRequest, Transcript
+from heimdall_edge.engines.base import ReplyRequest, Transcript
 from heimdall_edge.engines.offline_reply import OfflineReplyEngine
 from heimdall_edge.engines.piper import PiperEngine
-from heimdall_edge.interaction import SAY_NOT_UNDERSTOOD, SAY_STORAGE_FULL, Engines, Interaction
+from heimdall_edge.interaction import SAY_NOT_UNDERSTOOD, SAY_STORAGE_FULL, Interaction
 from heimdall_edge.listening import EndReason, Utterance
+from heimdall_edge.routing import Engines
 from heimdall_edge.spool import Spool, SpoolFullError
 
 
@@ -33,8 +34,9 @@ class Broken:
     async def transcribe(self, audio: Audio) -> Transcript:
         raise RuntimeError("model exploded")
 
-    async def reply(self, request: ReplyRequest) -> Reply:
+    async def reply(self, request: ReplyRequest) -> AsyncIterator[str]:
         raise RuntimeError("reply exploded")
+        yield  # pragma: no cover - makes this an async generator
 
     async def synthesize(self, text: str) -> AsyncIterator[Audio]:
         raise RuntimeError("voice exploded")
@@ -96,7 +98,9 @@ async def test_transcription_failure_keeps_the_capture_and_says_so(
 ) -> None:
     speaker = WavFileSpeaker(tmp_path / "out.wav")
     indicator = RecordingIndicator()
-    turn = interaction(spool, Engines(Broken(), OfflineReplyEngine(), piper), speaker, indicator)
+    turn = interaction(
+        spool, Engines(stt=Broken(), reply=OfflineReplyEngine(), tts=piper), speaker, indicator
+    )
     result = await asyncio.wait_for(
         turn.run(utterance(speech_dir), [b"\xff\xd8jpeg"], asyncio.Event()), 60
     )
@@ -115,7 +119,7 @@ async def test_speech_failure_falls_back_to_an_earcon(
     speaker = WavFileSpeaker(None)
     turn = interaction(
         spool,
-        Engines(FixedTranscript("what time is it"), OfflineReplyEngine(), Broken()),
+        Engines(stt=FixedTranscript("what time is it"), reply=OfflineReplyEngine(), tts=Broken()),
         speaker,
         RecordingIndicator(),
     )
@@ -131,7 +135,10 @@ async def test_reply_failure_still_answers_aloud(
 ) -> None:
     speaker = WavFileSpeaker(None)
     turn = interaction(
-        spool, Engines(FixedTranscript("hello"), Broken(), piper), speaker, RecordingIndicator()
+        spool,
+        Engines(stt=FixedTranscript("hello"), reply=Broken(), tts=piper),
+        speaker,
+        RecordingIndicator(),
     )
     result = await asyncio.wait_for(turn.run(utterance(speech_dir), [], asyncio.Event()), 30)
     assert speaker.seconds_played > 1.0
@@ -148,7 +155,7 @@ async def test_full_disk_is_spoken_and_nothing_half_written(
     speaker = WavFileSpeaker(None)
     turn = interaction(
         spool,
-        Engines(FixedTranscript("x"), OfflineReplyEngine(), piper),
+        Engines(stt=FixedTranscript("x"), reply=OfflineReplyEngine(), tts=piper),
         speaker,
         RecordingIndicator(),
     )
@@ -173,7 +180,7 @@ async def test_barge_in_stops_playback_and_keeps_the_capture(
     stop = asyncio.Event()
     turn = interaction(
         spool,
-        Engines(FixedTranscript("talk to me"), Chatty(), piper),
+        Engines(stt=FixedTranscript("talk to me"), reply=Chatty(), tts=piper),
         speaker,
         indicator,
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from heimdall_edge.audio import Audio
 
@@ -27,12 +27,6 @@ class ReplyRequest:
     status: dict[str, str] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class Reply:
-    text: str
-    engine: str
-
-
 class SpeechToText(Protocol):
     name: str
 
@@ -46,7 +40,9 @@ class SpeechToText(Protocol):
 class ReplyEngine(Protocol):
     name: str
 
-    async def reply(self, request: ReplyRequest) -> Reply: ...
+    def reply(self, request: ReplyRequest) -> AsyncIterator[str]:
+        """The answer, a sentence (or a few) at a time."""
+        ...
 
 
 class TextToSpeech(Protocol):
@@ -56,4 +52,8 @@ class TextToSpeech(Protocol):
 
     def synthesize(self, text: str) -> AsyncIterator[Audio]:
         """Audio sentence by sentence, each yielded as soon as it is ready."""
+        ...
+
+    def cache_identity(self) -> dict[str, Any]:
+        """engine, voice, model, output_format and settings: what makes its audio what it is."""
         ...

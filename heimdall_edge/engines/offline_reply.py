@@ -7,12 +7,14 @@ reply engine (when there is one) can do better.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 
-from heimdall_edge.engines.base import Reply, ReplyRequest
+from heimdall_edge.engines.base import ReplyRequest
 
 Now = Callable[[], datetime]
+
+OFFLINE_ACK = "I'm offline, but I've saved that."
 
 _TIME = re.compile(r"\b(what(?:'s| is)? the time|what time|time is it|tell me the time)\b")
 _DATE = re.compile(r"\b(date|what day|which day|day is it|day today)\b")
@@ -40,8 +42,8 @@ class OfflineReplyEngine:
     def __init__(self, now: Now = _local_now) -> None:
         self._now = now
 
-    async def reply(self, request: ReplyRequest) -> Reply:
-        return Reply(text=self.answer(request), engine=self.name)
+    async def reply(self, request: ReplyRequest) -> AsyncIterator[str]:
+        yield self.answer(request)
 
     def answer(self, request: ReplyRequest) -> str:
         said = request.transcript.lower().strip()
@@ -56,4 +58,6 @@ class OfflineReplyEngine:
             return f"I'm working. {pending} captures are waiting to sync."
         if _SAVE.search(said):
             return "I saved that."
+        if request.status.get("online") == "false":
+            return OFFLINE_ACK
         return "Got it. I saved that."
