@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import enum
+import json
 import shutil
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -49,6 +51,7 @@ def run_checks(settings: Settings, explicit_config: Path | None) -> Iterator[Che
             _credential(name, env)
             for name, env in (("OpenAI", "openai_api_key"), ("ElevenLabs", "elevenlabs_api_key"))
         ],
+        _cloud_state,
     ]
     for check in checks:
         try:
@@ -191,3 +194,26 @@ def _credential(label: str, field: str) -> Callable[[Settings], Check]:
 
     check.__name__ = f"_{label.lower()}_key"
     return check
+
+
+def _cloud_state(settings: Settings) -> Check:
+    """What the running service last saw of the cloud (its status.json): connectivity and breakers."""
+    from heimdall_edge.appliance import STATUS_FILE
+
+    path = settings.state_dir / STATUS_FILE
+    try:
+        status = json.loads(path.read_text())
+    except FileNotFoundError:
+        return Check(Level.OK, "cloud state", "no status from a running service yet")
+    except (OSError, ValueError) as exc:
+        return Check(
+            Level.WARN, "cloud state", f"{path} unreadable ({exc}): it is rewritten after each turn"
+        )
+    breakers = status.get("breakers", {})
+    age_s = time.time() - float(status.get("updated_at", 0))
+    parts = [f"{'online' if status.get('online') else 'OFFLINE'} ({age_s:.0f} s ago)"]
+    parts += [f"{name} breaker {info.get('state')}" for name, info in sorted(breakers.items())]
+    open_ = [name for name, info in breakers.items() if info.get("state") != "closed"]
+    if open_ or not status.get("online", True):
+        return Check(Level.WARN, "cloud state", ", ".join(parts) + ": answering with local engines")
+    return Check(Level.OK, "cloud state", ", ".join(parts))

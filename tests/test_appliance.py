@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -76,7 +77,9 @@ async def test_button_press_on_simulated_service_runs_a_whole_interaction(
     assert {"audio.wav", "reply.wav", "frame-00.jpg"} <= set(record.files)
     lines = notify.lines()
     assert lines.index("READY=1") < lines.index("WATCHDOG=1") < lines.index("STOPPING=1")
-    assert any(line.startswith("STATUS=") for line in lines)
+    assert "STATUS=listening (button)" in lines
+    status = json.loads((settings.state_dir / "status.json").read_text())
+    assert status["captures"]["pending"] == 1 and status["breakers"] == {}
 
 
 async def service_until_sigterm(recording: Path, ready_to_stop) -> tuple[int, bytes]:

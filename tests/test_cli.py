@@ -145,3 +145,14 @@ def test_doctor_reports_one_line_per_check_and_fails_without_devices() -> None:
     assert any(line.startswith("OK   speech-to-text model") for line in lines)
     assert any(line.startswith("OK   OpenAI key: set") for line in lines)
     assert "canary" not in result.stdout + result.stderr
+
+
+def test_doctor_shows_what_the_service_saw_of_the_cloud() -> None:
+    state = Path(os.environ["HEIMDALL_STATE_DIR"])
+    state.mkdir(mode=0o700, parents=True, exist_ok=True)
+    breaker = {"state": "open", "failures_in_window": 3, "last_error": "server"}
+    status = {"updated_at": 0, "online": True, "breakers": {"openai": breaker}, "captures": {}}
+    (state / "status.json").write_text(json.dumps(status))
+    lines = heimdall("doctor").stdout.splitlines()
+    [line] = [line for line in lines if "cloud state" in line]
+    assert line.startswith("WARN cloud state: online") and "openai breaker open" in line
