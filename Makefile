@@ -22,6 +22,7 @@ test: setup
 
 bench: models
 	$(VENV)/bin/python bench/latency.py
+	$(VENV)/bin/python bench/fallback.py
 
 clean:
 	rm -rf .state .pytest_cache
