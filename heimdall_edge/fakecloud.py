@@ -396,17 +396,8 @@ class _Handler(BaseHTTPRequestHandler):
                 b"data: [DONE]\n\n",
             ]
         self._begin_chunked(200, "text/event-stream; charset=utf-8", headers)
-        if truncate:
-            # the role chunk and about half the content, then the connection drops
-            for event in events[: max(2, len(events) // 2)]:
-                self._write_chunk(event)
-                self._pace(cloud.chat_chunk_interval_s)
-            self._drop()
-            return
-        for event in events:
-            self._write_chunk(event)
-            self._pace(cloud.chat_chunk_interval_s)
-        self._end_chunked()
+        # truncated: the role chunk and about half the content, then the connection drops
+        self._stream(events, cloud.chat_chunk_interval_s, truncate, keep=max(2, len(events) // 2))
 
     # ---- OpenAI: transcriptions --------------------------------------------------
     def _transcription(
@@ -557,16 +548,17 @@ class _Handler(BaseHTTPRequestHandler):
             return
         pieces = [audio[i : i + piece] for i in range(0, len(audio), piece)] or []
         self._begin_chunked(200, content_type, headers)
-        if truncate:
-            for data in pieces[: max(1, len(pieces) // 2)]:
-                self._write_chunk(data)
-                self._pace(cloud.tts_chunk_interval_s)
-            self._drop()
-            return
-        for data in pieces:
+        self._stream(pieces, cloud.tts_chunk_interval_s, truncate, keep=max(1, len(pieces) // 2))
+
+    def _stream(self, pieces: list[bytes], interval_s: float, truncate: bool, keep: int) -> None:
+        """Send chunked pieces, paced; truncated: only the first `keep`, then drop the connection."""
+        for data in pieces[:keep] if truncate else pieces:
             self._write_chunk(data)
-            self._pace(cloud.tts_chunk_interval_s)
-        self._end_chunked()
+            self._pace(interval_s)
+        if truncate:
+            self._drop()
+        else:
+            self._end_chunked()
 
     # ---- errors -----------------------------------------------------------------
     def _openai_headers(self) -> dict[str, str]:

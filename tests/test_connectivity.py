@@ -9,27 +9,12 @@ from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio
+from shared import FakeClock
 
 from heimdall_edge.connectivity import Connectivity, _host_port, tcp_probe
 from heimdall_edge.resilience import ErrorKind
 
 TIMEOUT = 5.0  # every async test is bounded
-
-
-class FakeClock:
-    """A clock that only moves when the fake sleep moves it."""
-
-    def __init__(self, start: float = 1000.0) -> None:
-        self.now = start
-        self.sleeps: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
-        await asyncio.sleep(0)
 
 
 class ScriptedProbe:

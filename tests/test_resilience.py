@@ -22,6 +22,7 @@ import httpx2
 import openai
 import pydantic
 import pytest
+from shared import FakeClock
 
 from heimdall_edge.connectivity import Connectivity
 from heimdall_edge.resilience import (
@@ -37,25 +38,6 @@ from heimdall_edge.resilience import (
 
 SECRET = "sk-test-SECRET-0123456789"
 TIMEOUT = 5.0  # every async test is bounded
-
-
-class FakeClock:
-    """A monotonic clock that only moves when told, and a sleep that moves it."""
-
-    def __init__(self, start: float = 1000.0) -> None:
-        self.now = start
-        self.sleeps: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-    async def sleep(self, seconds: float) -> None:
-        self.sleeps.append(float(seconds))
-        self.now += seconds
-        await asyncio.sleep(0)
 
 
 # --- real SDK exception objects -------------------------------------------------------------------
