@@ -168,6 +168,31 @@ class VoiceCacheSettings(Section):
     """Disk the text-to-speech cache may use under the state dir (least recently used evicted); 0 turns it off."""
 
 
+class SyncSettings(Section):
+    region: str = "eu-west-1"
+    """AWS region of the bucket and the table."""
+    sse: Literal["AES256", "aws:kms"] = "AES256"
+    """Server-side encryption of every object: S3-managed keys, or KMS with kms_key_id."""
+    kms_key_id: str | None = None
+    """KMS key id or ARN, with sse = "aws:kms". Unset: the account's aws/s3 key."""
+    multipart_threshold_mb: Annotated[float, Field(ge=5, le=5000)] = 16.0
+    """Files larger than this are uploaded in parts (S3's minimum part is 5 MB)."""
+    concurrency: Annotated[int, Field(ge=1, le=16)] = 2
+    """Captures uploaded at once."""
+    bandwidth_kbps: Annotated[int, Field(ge=0, le=10_000_000)] = 0
+    """Upload bandwidth cap in kilobytes per second; 0: no cap."""
+    retention_days: Annotated[float, Field(ge=0, le=3650)] = 7.0
+    """Keep synced captures on the device this many days; 0 deletes them as soon as they are synced."""
+    quota_mb: Annotated[float, Field(ge=10, le=10_000_000)] = 2048.0
+    """Most disk the spool may use; synced captures are evicted first to stay under it."""
+    evict_unsynced: bool = False
+    """When the quota is reached and nothing synced is left, evict the oldest unsynced captures (counted and logged). Off: refuse new captures instead."""
+    retry_max_s: Annotated[float, Field(gt=0, le=3600)] = 300.0
+    """Longest wait between attempts while the store is unreachable (exponential backoff with jitter)."""
+    interval_s: Annotated[float, Field(gt=0, le=86_400)] = 60.0
+    """How often the syncer looks for work when nothing wakes it (a new capture or connectivity returning does)."""
+
+
 class EngineSettings(Section):
     preload: bool = True
     """Load the speech models at start-up, before READY, so the first reply is as fast as the rest."""
@@ -204,6 +229,16 @@ class Settings(BaseSettings):
     """OpenAI-compatible API base URL (HEIMDALL_OPENAI_BASE_URL). Unset: https://api.openai.com/v1."""
     elevenlabs_base_url: Annotated[str, Field(pattern=r"^https?://")] | None = None
     """ElevenLabs-compatible API base URL (HEIMDALL_ELEVENLABS_BASE_URL). Unset: https://api.elevenlabs.io."""
+    s3_bucket: str | None = None
+    """Bucket captures are synced to (HEIMDALL_S3_BUCKET). Unset: sync is off and captures stay on the device."""
+    s3_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9!_.*'()/-]*$")] = "captures"
+    """Key prefix in the bucket (HEIMDALL_S3_PREFIX)."""
+    dynamodb_table: str | None = None
+    """DynamoDB table indexing the captures (HEIMDALL_DYNAMODB_TABLE). Unset: no index."""
+    s3_endpoint_url: Annotated[str, Field(pattern=r"^https?://")] | None = None
+    """S3-compatible endpoint (HEIMDALL_S3_ENDPOINT_URL), e.g. MinIO. Unset: AWS."""
+    dynamodb_endpoint_url: Annotated[str, Field(pattern=r"^https?://")] | None = None
+    """DynamoDB-compatible endpoint (HEIMDALL_DYNAMODB_ENDPOINT_URL). Unset: AWS."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Journal verbosity; DEBUG adds per-frame and per-request detail."""
     stop_grace_s: Annotated[float, Field(gt=0, le=60)] = 15.0
@@ -220,6 +255,7 @@ class Settings(BaseSettings):
     cloud: CloudSettings = CloudSettings()
     resilience: ResilienceSettings = ResilienceSettings()
     voice_cache: VoiceCacheSettings = VoiceCacheSettings()
+    sync: SyncSettings = SyncSettings()
     secrets: Secrets = Field(default=Secrets(), exclude=True)
 
     @classmethod
