@@ -33,6 +33,7 @@ from heimdall_edge.routing import Engines
 from heimdall_edge.sdnotify import HealthWatchdog, Notifier
 from heimdall_edge.settings import Settings
 from heimdall_edge.spool import Spool
+from heimdall_edge.sync import Syncer
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,7 @@ class Appliance:
         engines: Engines,
         spool: Spool,
         *,
+        syncer: Syncer | None = None,
         notifier: Notifier | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -109,6 +111,7 @@ class Appliance:
         self.devices = devices
         self.engines = engines
         self.spool = spool
+        self.syncer = syncer
         self.notifier = notifier or Notifier()
         self.watchdog = HealthWatchdog.from_env(self.notifier, clock=clock)
         self._microphone = _PulsingMicrophone(devices.microphone, self.watchdog.beat, self.notifier)
@@ -120,6 +123,8 @@ class Appliance:
             engines=engines,
             speaker=devices.speaker,
             indicator=devices.indicator,
+            make_room=syncer.make_room if syncer else None,
+            on_kept=syncer.notify if syncer else None,
             clock=clock,
         )
         self._playback_stop = asyncio.Event()
@@ -260,6 +265,7 @@ class Appliance:
             "online": self.engines.online,
             "breakers": {p.service: p.breaker.snapshot() for p in self.engines.policies},
             "captures": self.spool.counts(),
+            "sync": self.syncer.status() if self.syncer else None,
         }
         replace_file(
             self.settings.state_dir / STATUS_FILE, json.dumps(status, default=str).encode()

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from heimdall_edge.appliance import Devices
+from heimdall_edge.cloudstore import CaptureStore, StoreConfig
 from heimdall_edge.connectivity import Connectivity, tcp_probe
 from heimdall_edge.engines.cloud_reply import CloudReplyEngine
 from heimdall_edge.engines.elevenlabs import ElevenLabsEngine
@@ -23,6 +24,7 @@ from heimdall_edge.resilience import CallPolicy, CircuitBreaker, RateLimit
 from heimdall_edge.routing import Cloud, Engines
 from heimdall_edge.settings import Settings, SettingsError
 from heimdall_edge.spool import Spool
+from heimdall_edge.sync import Syncer
 from heimdall_edge.voice_cache import VoiceCache
 
 OPENAI_DEFAULT_URL = "https://api.openai.com/v1"
@@ -118,6 +120,30 @@ def build_engines(settings: Settings, *, voice_cache: bool = True) -> Engines:
             ),
         )
     return engines
+
+
+def build_syncer(
+    settings: Settings, spool: Spool, connectivity: Connectivity | None = None
+) -> Syncer:
+    """The store-and-forward syncer; with no bucket set it keeps captures local (and still keeps the quota)."""
+    config = StoreConfig.from_settings(settings)
+    resilience = settings.resilience
+    breaker = CircuitBreaker(
+        "s3",
+        failure_threshold=resilience.failure_threshold,
+        window_s=resilience.failure_window_s,
+        reset_s=resilience.reset_s,
+        auth_reset_s=resilience.auth_reset_s,
+    )
+    assert settings.device_id is not None
+    return Syncer(
+        spool,
+        CaptureStore(config) if config else None,
+        settings.sync,
+        settings.device_id,
+        connectivity=connectivity,
+        breaker=breaker,
+    )
 
 
 def prepare_state_dir(settings: Settings) -> Path:

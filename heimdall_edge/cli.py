@@ -25,6 +25,7 @@ from heimdall_edge.devices.base import DeviceError
 from heimdall_edge.engines.base import EngineError
 from heimdall_edge.settings import Settings, SettingsError, load_settings
 from heimdall_edge.spool import CaptureRecord, SpoolError
+from heimdall_edge.sync import Syncer, SyncProgress, SyncReport
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 captures_app = typer.Typer(help="List captures kept on the device, or show one.")
@@ -126,9 +127,9 @@ async def serve(settings: Settings, devices: Devices, *, simulate: bool = False)
             signal.SIGUSR1, lambda: asyncio.ensure_future(press_mock_button(devices.button))
         )
     try:
-        appliance = Appliance(
-            settings, devices, builders.build_engines(settings), builders.open_spool(settings)
-        )
+        engines, spool = builders.build_engines(settings), builders.open_spool(settings)
+        syncer = builders.build_syncer(settings, spool, engines.connectivity)
+        appliance = Appliance(settings, devices, engines, spool, syncer=syncer)
         await appliance.start()
         log.info("ready: listening in %s mode", settings.listening.mode)
         await appliance.serve(stop)
@@ -186,7 +187,8 @@ async def _demo(settings: Settings, audio_path: Path) -> Any:
     )
     spool = builders.open_spool(settings)
     devices = builders.build_simulated_devices(settings, inputs=[audio_path], realtime=False)
-    appliance = Appliance(settings, devices, builders.build_engines(settings), spool)
+    syncer = builders.build_syncer(settings, spool)  # for the quota; `sync` delivers
+    appliance = Appliance(settings, devices, builders.build_engines(settings), spool, syncer=syncer)
     try:
         await appliance.start()
         # The simulated person taps the button, then speaks.
@@ -264,6 +266,57 @@ async def _say(settings: Settings, text: str, output: Path | None) -> dict[str, 
         "first_audio_ms": round((first - started) * 1000, 1) if first else None,
         "audio_seconds": round(playback.seconds, 3),
     }
+
+
+@app.command()
+def sync(
+    once: Annotated[bool, typer.Option("--once", help="One pass, then exit.")] = False,
+    json_out: JsonOption = False,
+) -> None:
+    """Deliver pending captures to S3 (and DynamoDB), with a progress bar; without --once, keep going."""
+    try:
+        settings = _settings()
+        spool = builders.open_spool(settings)
+        syncer = builders.build_syncer(settings, spool)
+    except EXPECTED_ERRORS as exc:
+        _fail(exc)
+    if syncer.store is None:
+        _fail(
+            SettingsError(
+                "sync is off: no bucket set (HEIMDALL_S3_BUCKET); captures stay on the device"
+            )
+        )
+    if not once:
+        _run(_sync_forever(syncer))
+        return
+    report = _run(_sync_with_progress(syncer, show=not json_out))
+    if json_out:
+        _emit(report.to_dict())
+    else:
+        typer.echo(report.summary())
+    raise typer.Exit(0 if report.ok else 1)
+
+
+async def _sync_with_progress(syncer: Syncer, *, show: bool) -> SyncReport:
+    from tqdm import tqdm
+
+    with tqdm(unit="B", unit_scale=True, unit_divisor=1024, disable=not show, leave=True) as bar:
+
+        def progress(update: SyncProgress) -> None:
+            bar.total = update.bytes_total
+            bar.set_description(f"captures {update.captures_done}/{update.captures_total}")
+            bar.update(update.bytes_done - bar.n)
+
+        return await syncer.sync_once(progress)
+
+
+async def _sync_forever(syncer: Syncer) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    log.info("syncing until Ctrl-C")
+    await syncer.run(stop)
 
 
 @captures_app.callback(invoke_without_command=True)

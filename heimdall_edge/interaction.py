@@ -90,9 +90,14 @@ class Interaction:
         engines: Engines,
         speaker: Speaker,
         indicator: Indicator,
+        make_room: Callable[[int], bool] | None = None,
+        on_kept: Callable[[], None] | None = None,
         clock: Clock = time.monotonic,
     ) -> None:
+        """`make_room(bytes)` frees spool space (False: none can be freed); `on_kept` wakes the syncer."""
         self._device_id = device_id
+        self._make_room = make_room
+        self._on_kept = on_kept
         self._spool = spool
         self._engines = engines
         self._speaker = speaker
@@ -107,6 +112,7 @@ class Interaction:
         self._indicator.show(IndicatorState.THINKING)
         with watch.stage("keep"):
             try:
+                await self._ensure_room(utterance, frames)
                 record = await asyncio.to_thread(
                     self._spool.create,
                     device_id=self._device_id,
@@ -118,6 +124,8 @@ class Interaction:
                 log.error("capture not kept: %s", exc)
                 await self._say(SAY_STORAGE_FULL, stop)
                 return TurnResult(None, error=str(exc), timings_ms=watch.timings_ms)
+        if self._on_kept is not None:
+            self._on_kept()
         result = TurnResult(record.capture_id, timings_ms=watch.timings_ms)
         try:
             await self._understand_and_answer(result, utterance, frames, stop, watch)
@@ -126,6 +134,14 @@ class Interaction:
                 await self._record(result)
             self._indicator.show(IndicatorState.ERROR if result.error else IndicatorState.IDLE)
         return result
+
+    async def _ensure_room(self, utterance: Utterance, frames: list[bytes]) -> None:
+        """Make space under the spool quota first; refusing the capture is the last resort."""
+        needed = len(utterance.audio.pcm) + sum(len(frame) for frame in frames) + 64 * 1024
+        if self._make_room is not None and not await asyncio.to_thread(self._make_room, needed):
+            raise SpoolFullError(
+                "the spool is at its quota and nothing can be evicted: raise sync.quota_mb, let sync catch up, or allow sync.evict_unsynced"
+            )
 
     async def _understand_and_answer(
         self,

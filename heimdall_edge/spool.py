@@ -415,6 +415,70 @@ class Spool:
         """The folder of a capture, for readers such as the syncer."""
         return self._folder(capture_id)
 
+    def verify(self, capture_id: str) -> builtins.list[str]:
+        """Re-read every file of a capture against its record's SHA-256; [] when all intact.
+
+        Each problem is one short line ("audio.wav does not match the SHA-256 in its
+        record", "frame-01.jpg is missing", a capture.json that does not parse).
+        Raises CaptureNotFoundError when the capture is gone.
+        """
+        folder = self._folder(capture_id)
+        try:
+            record = _read_record(folder)
+        except SpoolError as exc:
+            if not folder.is_dir():
+                raise CaptureNotFoundError(
+                    f"no capture {capture_id!r:.80} in the spool at {self.root}"
+                ) from None
+            return [str(exc)]
+        problems = [
+            problem
+            for name, info in sorted(record.files.items())
+            if (problem := _check_file(folder / name, info, full_check=True))
+        ]
+        if problems and not folder.is_dir():  # deleted while we read it, not damaged
+            raise CaptureNotFoundError(f"no capture {capture_id!r:.80} in the spool at {self.root}")
+        return problems
+
+    def quarantine(self, capture_id: str, reason: str) -> Path:
+        """Move a damaged capture out of the spool into quarantine/ (kept for a person to look at).
+
+        The folder leaves captures/ in one rename and its index row goes in the same
+        transaction; a crash in between leaves a row without a folder, which the next
+        opening drops. Returns where the folder went.
+        """
+        with self._lock:
+            folder = self._folder(capture_id)
+            target = _free_name(self._quarantine, capture_id)
+            try:
+                self._remove_capture(folder, target)
+            except (OSError, sqlite3.Error) as exc:
+                raise self._storage_error(exc, f"capture {capture_id} was not quarantined") from exc
+        log.warning("quarantined capture %s: %s (moved to %s)", capture_id, reason, target)
+        return target
+
+    def delete(self, capture_id: str) -> int:
+        """Remove a capture for good (retention, quota); returns the bytes it held.
+
+        The folder leaves captures/ in one rename (into tmp/, which every opening
+        empties) in the same transaction that drops its row, then is removed: a crash
+        leaves the capture whole, or gone, never half.
+        """
+        with self._lock:
+            folder = self._folder(capture_id)
+            doomed = _free_name(self._tmp, f"deleted-{capture_id}")
+            try:
+                size = _folder_bytes(folder)
+                self._remove_capture(folder, doomed)
+            except (OSError, sqlite3.Error) as exc:
+                raise self._storage_error(exc, f"capture {capture_id} was not deleted") from exc
+        try:
+            durable.remove(doomed)
+            durable.fsync_dir(self._tmp)
+        except OSError as exc:  # out of captures/ already; the next opening finishes it
+            log.warning("capture %s deleted, but %s is left: %s", capture_id, doomed, exc)
+        return size
+
     def disk_usage(self) -> int:
         """Bytes held by the spool: captures, index, staging and quarantine."""
         total = 0
@@ -437,6 +501,36 @@ class Spool:
             "INSERT OR REPLACE INTO captures (capture_id, sync_state, record) VALUES (?, ?, ?)",
             (record.capture_id, record.sync_state, _record_row(record)),
         )
+
+    def _require_row(self, capture_id: str) -> None:
+        """Inside a transaction: the capture is still indexed (another process may have removed it)."""
+        row = self._db.execute(
+            "SELECT 1 FROM captures WHERE capture_id = ?", (capture_id,)
+        ).fetchone()
+        if row is None or not (self._captures / capture_id).is_dir():
+            raise CaptureNotFoundError(f"no capture {capture_id!r:.80} in the spool at {self.root}")
+
+    def _remove_capture(self, folder: Path, target: Path) -> None:
+        """Drop a capture's row and rename its folder out of captures/ (to `target`), as one.
+
+        The rename is made durable before the row's deletion commits; if anything fails
+        after the rename, the folder is put back, so the rolled-back row and the folder
+        still agree. Raises CaptureNotFoundError if another process removed it first.
+        """
+        moved = False
+        try:
+            with self._transaction():
+                self._require_row(folder.name)
+                self._db.execute("DELETE FROM captures WHERE capture_id = ?", (folder.name,))
+                os.rename(folder, target)
+                moved = True
+                durable.fsync_dir(target.parent)
+                durable.fsync_dir(self._captures)
+        except BaseException:
+            if moved:
+                with contextlib.suppress(OSError):
+                    os.rename(target, folder)
+            raise
 
     def _folder(self, capture_id: str) -> Path:
         folder = self._captures / capture_id
@@ -712,6 +806,14 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 def _entries(folder: Path) -> list[Path]:
     return sorted(Path(entry.path) for entry in os.scandir(folder))
+
+
+def _folder_bytes(folder: Path) -> int:
+    total = 0
+    for entry in os.scandir(folder):
+        with contextlib.suppress(FileNotFoundError):
+            total += entry.stat(follow_symlinks=False).st_size
+    return total
 
 
 def _free_name(folder: Path, name: str) -> Path:

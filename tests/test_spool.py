@@ -710,3 +710,98 @@ def test_other_storage_errors_are_spool_errors(
     assert not isinstance(caught.value, SpoolFullError)
     monkeypatch.undo()
     assert leftovers(root) == []
+
+
+# -- verify, quarantine, delete (for the syncer) -------------------------------------
+
+
+def test_verify_rereads_every_byte(spool: Spool, root: Path) -> None:
+    good, bad = make(spool), make(spool, when=T0 + timedelta(seconds=1))
+    spool.update(bad.capture_id, sync_state="synced")  # synced or not, verify hashes it all
+    tampered_audio(root / "captures" / bad.capture_id)
+    missing_frame(root / "captures" / bad.capture_id)
+    assert spool.verify(good.capture_id) == []
+    assert spool.verify(bad.capture_id) == [
+        "audio.wav does not match the SHA-256 in its record",
+        "frame-00.jpg is missing",
+    ]
+    corrupt_json(root / "captures" / good.capture_id)
+    [problem] = spool.verify(good.capture_id)
+    assert "capture.json is not valid JSON" in problem
+    with pytest.raises(CaptureNotFoundError):
+        spool.verify("20200101T000000000Z-00000000")
+
+
+def test_quarantine_moves_the_capture_out_with_its_row(
+    spool: Spool, root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    bad, good = make(spool), make(spool, when=T0 + timedelta(seconds=1))
+    (root / "quarantine" / bad.capture_id).mkdir()  # an earlier one is never overwritten
+    with caplog.at_level(logging.WARNING, logger="heimdall_edge.spool"):
+        target = spool.quarantine(bad.capture_id, "audio.wav does not match")
+    assert target == root / "quarantine" / f"{bad.capture_id}.1"
+    assert (target / "audio.wav").read_bytes() == AUDIO
+    assert [r.capture_id for r in spool.list()] == [good.capture_id]
+    assert not (root / "captures" / bad.capture_id).exists()
+    assert any(
+        f"quarantined capture {bad.capture_id}: audio.wav does not match" in r.getMessage()
+        for r in caplog.records
+    )
+    with pytest.raises(CaptureNotFoundError):
+        spool.quarantine(bad.capture_id, "again")
+    spool.close()
+    with reopen(root) as again:
+        assert again.recovered == spool_module.RecoveryReport()
+        assert [r.capture_id for r in again.list()] == [good.capture_id]
+
+
+def test_delete_removes_folder_and_row_and_returns_the_bytes(spool: Spool, root: Path) -> None:
+    gone, kept = make(spool), make(spool, when=T0 + timedelta(seconds=1))
+    folder = root / "captures" / gone.capture_id
+    size = sum(p.stat().st_size for p in folder.iterdir())
+    assert spool.delete(gone.capture_id) == size
+    assert [r.capture_id for r in spool.list()] == [kept.capture_id]
+    assert leftovers(root) == [f"captures/{kept.capture_id}"]
+    with pytest.raises(CaptureNotFoundError):
+        spool.delete(gone.capture_id)
+    with pytest.raises(CaptureNotFoundError):
+        spool.get(gone.capture_id)
+
+
+def test_a_delete_that_another_process_already_did_is_not_found(root: Path) -> None:
+    record = stored(root)
+    with Spool(root) as first, Spool(root) as second:
+        first.delete(record.capture_id)
+        with pytest.raises(CaptureNotFoundError):
+            second.delete(record.capture_id)
+        with pytest.raises(CaptureNotFoundError):
+            second.quarantine(record.capture_id, "damaged")
+
+
+def test_a_delete_interrupted_after_the_rename_is_finished_on_reopen(root: Path) -> None:
+    """As after a crash between the rename out of captures/ and the commit."""
+    record, kept = stored(root), stored(root, when=T0 + timedelta(seconds=1))
+    os.rename(root / "captures" / record.capture_id, root / "tmp" / f"deleted-{record.capture_id}")
+    with reopen(root) as spool:
+        assert spool.recovered.staging_removed == 1 and spool.recovered.rows_dropped == 1
+        assert [r.capture_id for r in spool.list()] == [kept.capture_id]
+    assert leftovers(root) == [f"captures/{kept.capture_id}"]
+
+
+def test_a_failed_delete_keeps_the_capture_whole(
+    spool: Spool, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    record = make(spool)
+
+    def broken(*args: Any) -> Any:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(spool_module.durable, "fsync_dir", broken)
+    with pytest.raises(SpoolError, match="was not deleted: .*Input/output error"):
+        spool.delete(record.capture_id)
+    with pytest.raises(SpoolError, match="was not quarantined"):
+        spool.quarantine(record.capture_id, "damaged")
+    monkeypatch.undo()
+    assert spool.get(record.capture_id) == record
+    assert spool.verify(record.capture_id) == []
+    assert leftovers(root) == [f"captures/{record.capture_id}"]

@@ -1,0 +1,982 @@
+"""Store and forward: every capture in the spool reaches S3 (and DynamoDB) exactly once.
+
+The spool is the truth and the cloud a copy. A capture goes up in three steps, each
+idempotent, and is marked synced in the spool only after all of them were confirmed:
+
+1. its files are checked against the SHA-256 in its record (a damaged capture is
+   quarantined, counted and logged; the rest carry on);
+2. every file is put under a deterministic key with a conditional write (S3
+   `If-None-Match: *`): a retry after a crash finds the object already there and
+   writes nothing;
+3. then, with a table set, one index item is put with a conditional write too.
+
+So a crash (or a cut network) anywhere leaves the capture pending, and the next
+attempt completes it without writing anything twice: each capture ends up once in
+S3 and once in DynamoDB, whatever happened in between.
+
+`Syncer.run()` is the long-lived service task: it drains pending captures, backs
+off (exponentially, with jitter) while the store fails, waits while the device is
+offline or the store's breaker is open, and drains at once when the network
+returns or a new capture is kept (`notify()`). It also keeps the spool within its
+quota and retention (`make_room`, `apply_retention`).
+
+boto3 blocks: every store call runs in a worker thread (`asyncio.to_thread`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import enum
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from heimdall_edge.cloudstore import PutResult, index_item
+from heimdall_edge.resilience import (
+    RETRYABLE,
+    BreakerState,
+    CircuitBreaker,
+    CloudError,
+    ErrorKind,
+)
+from heimdall_edge.settings import SyncSettings
+from heimdall_edge.spool import CaptureNotFoundError, CaptureRecord, Spool, SpoolError, iso_utc
+
+if TYPE_CHECKING:
+    from heimdall_edge.cloudstore import CaptureStore
+    from heimdall_edge.connectivity import Connectivity
+
+log = logging.getLogger(__name__)
+
+SERVICE = "s3"
+SYNC_OFF = "sync off: no bucket set (HEIMDALL_S3_BUCKET); captures stay on the device"
+MB = 1024 * 1024
+SETTLE_S = 300.0
+"""A capture whose turn has not been recorded (status "captured") is left alone this long:
+its reply, transcript and reply.wav are still coming. After it, the turn died (a crash) and
+the capture goes as it is."""
+SETTLE_POLL_S = 5.0
+"""While a finished-soon capture waits to settle, look again this often (not interval_s)."""
+STALE_UPLOAD_S = 3600.0
+"""Multipart uploads of this device older than this are crash debris, aborted at each pass."""
+BACKOFF_BASE_S = 2.0
+CLIENT_ERRORS_IN_A_ROW = 3
+"""A CLIENT error may be one capture's (a poison pill): the pass skips it and goes on, unless
+this many captures in a row fail so (a missing bucket fails them all)."""
+BURST_S = 0.25
+"""The bandwidth cap lets this many seconds' worth of bytes through at once."""
+
+TOTALS = (
+    "synced", "bytes", "failed", "quarantined", "expired", "evicted_synced", "evicted_unsynced",
+)  # fmt: skip
+"""Counters kept since the syncer started, shown by status()."""
+
+Clock = Callable[[], float]
+Sleep = Callable[[float], Awaitable[None]]
+WallClock = Callable[[], datetime]
+
+
+class UploadHalted(Exception):
+    """Raised inside a worker thread's read when the syncer is stopping: end the upload now."""
+
+
+# --- bandwidth ----------------------------------------------------------------------------------
+
+
+class TokenBucket:
+    """A thread-safe bandwidth cap shared by every upload: `consume(n)` blocks until n bytes fit.
+
+    Reservation style: a caller takes its bytes at once (the balance may go negative)
+    and sleeps off the debt outside the lock, so concurrent uploads share the rate
+    fairly and a read larger than the burst still goes through.
+    """
+
+    def __init__(
+        self,
+        bytes_per_s: float,
+        *,
+        burst_bytes: float | None = None,
+        clock: Clock = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if bytes_per_s <= 0:
+            raise ValueError("bytes_per_s must be positive")
+        self.rate = float(bytes_per_s)
+        self.burst = float(burst_bytes if burst_bytes is not None else bytes_per_s * BURST_S)
+        self._clock = clock
+        self._sleep = sleep
+        self._lock = threading.Lock()
+        self._tokens = self.burst
+        self._last = clock()
+
+    def consume(self, n: int) -> float:
+        """Take n bytes' worth; returns the seconds slept."""
+        if n <= 0:
+            return 0.0
+        with self._lock:
+            now = self._clock()
+            self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+            self._last = now
+            self._tokens -= n
+            debt = -self._tokens
+        wait = debt / self.rate if debt > 0 else 0.0
+        if wait > 0:
+            self._sleep(wait)
+        return wait
+
+
+# --- results ------------------------------------------------------------------------------------
+
+
+class Outcome(enum.Enum):
+    SYNCED = "synced"
+    ALREADY_SYNCED = "already_synced"  # another process (the CLI, the service) got there first
+    QUARANTINED = "quarantined"
+    GONE = "gone"  # deleted (quota, another process) while we looked at it
+
+
+@dataclass(frozen=True)
+class CaptureResult:
+    capture_id: str
+    outcome: Outcome
+    bytes: int = 0
+    """Bytes uploaded now (objects written, not those already there)."""
+    written: int = 0
+    """Objects and index items written now."""
+    already_there: int = 0
+    """Objects and index items an earlier, interrupted attempt had already put."""
+    keys: dict[str, str] | None = None
+
+
+@dataclass
+class SyncReport:
+    """What one pass did; `error` is the first store error, in words safe to log and show."""
+
+    synced: int = 0
+    bytes: int = 0
+    written: int = 0
+    already_there: int = 0
+    failed: int = 0
+    quarantined: int = 0
+    evicted: int = 0
+    """Captures evicted to keep the spool under its quota."""
+    expired: int = 0
+    """Synced captures deleted because they outlived retention_days."""
+    waiting: int = 0
+    """Pending captures left for later: their turn is still being recorded."""
+    pending: int = 0
+    """Pending captures still in the spool after the pass."""
+    aborted_uploads: int = 0
+    reached_store: bool = False
+    """Whether the store answered at least once in this pass."""
+    error: str | None = None
+    error_kind: ErrorKind | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.failed == 0
+
+    def summary(self) -> str:
+        parts = [f"{self.synced} synced ({self.bytes} bytes uploaded)"]
+        if self.already_there:
+            parts.append(f"{self.already_there} already there")
+        for name in ("failed", "quarantined", "evicted", "expired", "waiting", "pending"):
+            if value := getattr(self, name):
+                parts.append(f"{value} {name}")
+        text = ", ".join(parts)
+        return f"{text}; error: {self.error}" if self.error else text
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["error_kind"] = self.error_kind.value if self.error_kind else None
+        return data
+
+
+@dataclass(frozen=True)
+class SyncProgress:
+    """Passed to sync_once's `progress` after each file and each capture (in the event loop)."""
+
+    captures_total: int
+    captures_done: int
+    bytes_total: int
+    bytes_done: int
+    capture_id: str | None = None
+
+
+Progress = Callable[[SyncProgress], None]
+
+
+# --- the syncer ---------------------------------------------------------------------------------
+
+
+class Syncer:
+    """Spool -> S3 -> DynamoDB, exactly once per capture; safe to run in several processes.
+
+    `store=None` means sync is off (no bucket): nothing is uploaded, captures stay on
+    the device, and the quota still applies. The breaker is the store's own (one for
+    S3 and DynamoDB together); the syncer reads connectivity but does not feed it: an
+    S3 endpoint may be on the LAN while the internet is down, or the reverse.
+    """
+
+    def __init__(
+        self,
+        spool: Spool,
+        store: CaptureStore | None,
+        settings: SyncSettings,
+        device_id: str,
+        *,
+        connectivity: Connectivity | None = None,
+        breaker: CircuitBreaker | None = None,
+        clock: Clock = time.monotonic,
+        sleep: Sleep = asyncio.sleep,
+        wall_clock: WallClock = lambda: datetime.now(UTC),
+        jitter: Callable[[], float] = random.random,
+        settle_s: float = SETTLE_S,
+        stale_upload_s: float = STALE_UPLOAD_S,
+        backoff_base_s: float = BACKOFF_BASE_S,
+        bandwidth: TokenBucket | None = None,
+    ) -> None:
+        self.spool = spool
+        self.store = store
+        self.settings = settings
+        self.device_id = device_id
+        self.connectivity = connectivity
+        self.breaker = breaker or CircuitBreaker(SERVICE, clock=clock)
+        self.settle_s = settle_s
+        self.stale_upload_s = stale_upload_s
+        self.backoff_base_s = backoff_base_s
+        self._clock = clock
+        self._sleep = sleep
+        self._now = wall_clock
+        self._jitter = jitter
+        if bandwidth is None and settings.bandwidth_kbps:
+            bandwidth = TokenBucket(settings.bandwidth_kbps * 1000)
+        self.bandwidth = bandwidth
+
+        self._lock = threading.Lock()  # counters, in-flight set
+        self._evict_lock = threading.Lock()  # one eviction sweep at a time
+        self._in_flight: set[str] = set()
+        self._totals: collections.Counter[str] = collections.Counter()
+        self._halt = threading.Event()
+        self._pass_lock: asyncio.Lock | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        self._back_online: asyncio.Event | None = None
+        self._state = "off" if store is None else "starting"
+        self._last_success_at: datetime | None = None
+        self._last_error: str | None = None
+        self._last_error_at: datetime | None = None
+        self._stale_cleanup_done = False
+        self._warned_cleanup: str | None = None
+
+    # -- one capture -----------------------------------------------------------------------------
+
+    async def sync_capture(
+        self, record: CaptureRecord, progress: Callable[[str, int], None] | None = None
+    ) -> CaptureResult:
+        """Upload one capture, index it, then mark it synced; raises CloudError if the store fails.
+
+        Idempotent: whatever an earlier attempt did, this one completes it and writes
+        nothing twice. A capture whose files do not match their checksums is
+        quarantined (Outcome.QUARANTINED), never uploaded. `progress(name, bytes)`
+        is called after each file.
+        """
+        store = self._require_store()
+        capture_id = record.capture_id
+        with self._claim(capture_id):
+            try:
+                current = await asyncio.to_thread(self.spool.get, capture_id)
+                if current.sync_state == "synced":
+                    return CaptureResult(capture_id, Outcome.ALREADY_SYNCED)
+                problems = await asyncio.to_thread(self.spool.verify, capture_id)
+                if problems:
+                    await self._quarantine(capture_id, problems)
+                    return CaptureResult(capture_id, Outcome.QUARANTINED)
+                folder = self.spool.path(capture_id)
+            except CaptureNotFoundError:
+                return CaptureResult(capture_id, Outcome.GONE)
+
+            keys: dict[str, str] = {}
+            sizes: dict[str, int] = {}
+            sent = written = already = 0
+            for name, info in sorted(current.files.items()):
+                key = store.object_key(current, name)
+                try:
+                    put = await self._call(
+                        self._put_file,
+                        store,
+                        key,
+                        folder / name,
+                        info["sha256"],
+                        _metadata(current, name),
+                    )
+                except (CloudError, OSError) as exc:
+                    # The store hashes what it reads and refuses (CLIENT) a copy that does
+                    # not match: the file changed under us after it was verified?
+                    if isinstance(exc, OSError) or exc.kind is ErrorKind.CLIENT:
+                        outcome = await self._recheck(capture_id)
+                        if outcome is not None:
+                            return CaptureResult(capture_id, outcome)
+                    if isinstance(exc, OSError):
+                        raise SpoolError(f"cannot read {name} of {capture_id}: {exc}") from exc
+                    raise
+                keys[name], sizes[name] = key, info["bytes"]
+                if put is PutResult.WRITTEN:
+                    written += 1
+                    sent += info["bytes"]
+                else:
+                    already += 1
+                if progress is not None:
+                    progress(name, info["bytes"])
+
+            synced_at = self._now()
+            if self._has_index(store):
+                item = index_item(current, keys, sizes, synced_at=synced_at)
+                put = await self._call(store.put_index, item)
+                if put is PutResult.WRITTEN:
+                    written += 1
+                else:
+                    already += 1
+
+            # Only now, with every object and the index item confirmed: mark it synced.
+            extra = {
+                **current.extra,
+                "s3_keys": keys,
+                "s3_bucket": _config_value(store, "bucket"),
+                "synced_at": iso_utc(synced_at),
+            }
+            try:
+                await asyncio.to_thread(
+                    self.spool.update, capture_id, sync_state="synced", extra=extra
+                )
+            except CaptureNotFoundError:
+                log.info("capture %s reached the cloud but left the spool meanwhile", capture_id)
+                return CaptureResult(capture_id, Outcome.GONE, sent, written, already, keys)
+        log.info(
+            "synced capture %s: %d files, %d bytes uploaded%s",
+            capture_id,
+            len(keys),
+            sent,
+            f" ({already} already there from an earlier attempt)" if already else "",
+        )
+        return CaptureResult(capture_id, Outcome.SYNCED, sent, written, already, keys)
+
+    # -- one pass --------------------------------------------------------------------------------
+
+    async def sync_once(self, progress: Progress | None = None) -> SyncReport:
+        """Upload every settled pending capture, oldest first; then retention and quota.
+
+        Never raises for a store or spool problem: the report says what happened, and
+        `error` holds the first store error. Captures that could not go stay pending.
+        """
+        if self._pass_lock is None:
+            self._pass_lock = asyncio.Lock()
+        async with self._pass_lock:
+            report = SyncReport()
+            self._halt.clear()
+            self._clear_wakeups()
+            self._state = "syncing" if self.store is not None else "off"
+            try:
+                if self.store is None:
+                    report.error = SYNC_OFF
+                else:
+                    await self._upload_pending(self.store, report, progress)
+            except asyncio.CancelledError:
+                self._halt.set()  # let the worker threads' reads stop early
+                raise
+            finally:
+                self._state = "idle" if self.store is not None else "off"
+            await self._lifecycle(report)
+            try:
+                report.pending = (await asyncio.to_thread(self.spool.counts))["pending"]
+            except SpoolError as exc:
+                log.error("cannot count pending captures: %s", exc)
+            self._note(report)
+            return report
+
+    async def _upload_pending(
+        self, store: CaptureStore, report: SyncReport, progress: Progress | None
+    ) -> None:
+        ready, waiting = await asyncio.to_thread(self._pending_work)
+        report.waiting = len(waiting)
+        if not ready and self._stale_cleanup_done:
+            return
+        if self.breaker.state is BreakerState.OPEN:
+            error = CloudError(SERVICE, ErrorKind.BREAKER_OPEN, "circuit breaker open; will retry")
+            report.error, report.error_kind = str(error), error.kind
+            return
+        if not await self._abort_stale_uploads(store, report):
+            return
+        if not ready:
+            return
+
+        total = _Tally(len(ready), sum(_capture_bytes(r) for r in ready))
+        queue = collections.deque(ready)
+        stop = False
+        client_errors = 0
+
+        def file_done(capture_id: str) -> Callable[[str, int], None]:
+            def done(_name: str, size: int) -> None:
+                total.bytes_done += size
+                _call_progress(progress, total.snapshot(capture_id))
+
+            return done
+
+        async def worker() -> None:
+            nonlocal stop, client_errors
+            while queue and not stop:
+                record = queue.popleft()
+                try:
+                    result = await self.sync_capture(record, file_done(record.capture_id))
+                except CloudError as error:
+                    if error.kind is ErrorKind.BREAKER_OPEN:  # not attempted: no failure
+                        stop = True
+                    else:
+                        report.failed += 1
+                        self._count("failed")
+                        client_errors += error.kind in (ErrorKind.CLIENT, ErrorKind.MALFORMED)
+                        stop = (
+                            stop
+                            or error.kind in RETRYABLE | {ErrorKind.AUTH, ErrorKind.OFFLINE}
+                            or client_errors >= CLIENT_ERRORS_IN_A_ROW
+                        )
+                    if report.error is None:
+                        report.error, report.error_kind = str(error), error.kind
+                    log.info("capture %s not synced: %s", record.capture_id, error)
+                except Exception:
+                    report.failed += 1
+                    self._count("failed")
+                    log.exception("capture %s not synced: unexpected error", record.capture_id)
+                else:
+                    client_errors = 0
+                    self._tally(report, result)
+                total.captures_done += 1
+                _call_progress(progress, total.snapshot(record.capture_id))
+
+        workers = min(self.settings.concurrency, len(ready))
+        await asyncio.gather(*(worker() for _ in range(workers)))
+
+    async def _abort_stale_uploads(self, store: CaptureStore, report: SyncReport) -> bool:
+        """Abort multipart uploads a crash left behind; False when the store is unreachable.
+
+        Outside the breaker's probe slot, and an AUTH or CLIENT answer is only a warning:
+        a device policy may well allow PutObject but not listing uploads (a bucket
+        lifecycle rule that aborts incomplete uploads does the same job).
+        """
+        try:
+            aborted = await asyncio.to_thread(
+                store.abort_stale_uploads, self.stale_upload_s, self.device_id
+            )
+        except CloudError as error:
+            if error.kind in RETRYABLE or error.kind is ErrorKind.MALFORMED:
+                self.breaker.record_failure(error.kind)
+                report.error, report.error_kind = str(error), error.kind
+                log.info("sync pass skipped: %s", error)
+                return False
+            if error.kind is ErrorKind.AUTH and self._warned_cleanup != str(error):
+                self._warned_cleanup = str(error)
+                log.warning(
+                    "cannot clean up interrupted multipart uploads (%s); uploads go on. "
+                    "Allow s3:ListBucketMultipartUploads and s3:AbortMultipartUpload, or add a "
+                    "lifecycle rule aborting incomplete uploads",
+                    error,
+                )
+            else:  # a missing bucket, say: the uploads will report it
+                log.info("cannot clean up interrupted multipart uploads: %s", error)
+            return True
+        self.breaker.record_success()
+        self._stale_cleanup_done = True
+        report.reached_store = True
+        report.aborted_uploads = aborted
+        if aborted:
+            log.info("aborted %d interrupted multipart uploads", aborted)
+        return True
+
+    def _pending_work(self) -> tuple[list[CaptureRecord], list[CaptureRecord]]:
+        """Pending captures oldest first: (ready to go, still being recorded)."""
+        now = self._now()
+        ready: list[CaptureRecord] = []
+        waiting: list[CaptureRecord] = []
+        for record in reversed(self.spool.list(sync_state="pending")):
+            settled = record.status != "captured" or (
+                now - record.created_at >= timedelta(seconds=self.settle_s)
+            )
+            (ready if settled else waiting).append(record)
+        return ready, waiting
+
+    # -- local lifecycle -------------------------------------------------------------------------
+
+    async def _lifecycle(self, report: SyncReport) -> None:
+        try:
+            report.expired = await asyncio.to_thread(self.apply_retention)
+            _fits, report.evicted = await asyncio.to_thread(self._make_room, 0)
+        except Exception:
+            log.exception("retention or quota sweep failed; will try again next pass")
+
+    def apply_retention(self) -> int:
+        """Delete synced captures older than retention_days (0: every synced one); the count."""
+        days = self.settings.retention_days
+        cutoff = self._now() - timedelta(days=days)
+        deleted = 0
+        for record in reversed(self.spool.list(sync_state="synced")):
+            if days and record.created_at > cutoff:
+                break  # oldest first: the rest are younger
+            if self._is_in_flight(record.capture_id):
+                continue
+            try:
+                self.spool.delete(record.capture_id)
+            except CaptureNotFoundError:
+                continue
+            deleted += 1
+            self._count("expired")
+            log.info(
+                "deleted synced capture %s from the device: retention is %g days (it is in S3)",
+                record.capture_id,
+                days,
+            )
+        return deleted
+
+    def make_room(self, needed_bytes: int) -> bool:
+        """Make room for a new capture of `needed_bytes` within the quota; thread-safe.
+
+        Evicts synced captures oldest first; then, only with evict_unsynced, the oldest
+        unsynced ones (each a capture lost for good, logged as such). False when the
+        capture still would not fit: the caller refuses it.
+        """
+        fits, _evicted = self._make_room(needed_bytes)
+        return fits
+
+    def _make_room(self, needed_bytes: int) -> tuple[bool, int]:
+        quota = int(self.settings.quota_mb * MB)
+        with self._evict_lock:
+            usage = self.spool.disk_usage()
+            if usage + needed_bytes <= quota:
+                return True, 0
+            evicted = 0
+            tiers = [("synced", lambda r: r.sync_state == "synced")]
+            if self.settings.evict_unsynced:
+                tiers.append(("unsynced", lambda r: r.sync_state != "synced"))
+            records = self.spool.list()
+            evictable = sum(
+                self._folder_bytes(r.capture_id)
+                for r in records
+                if any(wanted(r) for _tier, wanted in tiers)
+                and not self._is_in_flight(r.capture_id)
+            )
+            if usage - evictable + needed_bytes > quota:
+                log.warning(
+                    "spool over quota: %d bytes used + %d needed > %g MB, and evicting every "
+                    "capture allowed (%s) would not make room: nothing evicted",
+                    usage, needed_bytes, self.settings.quota_mb,
+                    "synced or not" if self.settings.evict_unsynced else "synced only",
+                )  # fmt: skip
+                return False, 0
+            for tier, wanted in tiers:
+                if usage + needed_bytes <= quota:
+                    break
+                for record in reversed(records):
+                    if usage + needed_bytes <= quota:
+                        break
+                    if not wanted(record) or self._is_in_flight(record.capture_id):
+                        continue
+                    try:
+                        freed = self.spool.delete(record.capture_id)
+                    except CaptureNotFoundError:
+                        continue
+                    usage -= freed
+                    evicted += 1
+                    self._count(f"evicted_{tier}")
+                    if tier == "synced":
+                        log.warning(
+                            "evicted synced capture %s (%d bytes, created %s) to stay within "
+                            "the %g MB spool quota; it is in S3",
+                            record.capture_id, freed, iso_utc(record.created_at),
+                            self.settings.quota_mb,
+                        )  # fmt: skip
+                    else:
+                        log.warning(
+                            "evicted UNSYNCED capture %s (%d bytes, created %s) to stay within "
+                            "the %g MB spool quota (evict_unsynced is on): it never reached "
+                            "the cloud and is lost",
+                            record.capture_id, freed, iso_utc(record.created_at),
+                            self.settings.quota_mb,
+                        )  # fmt: skip
+            usage = self.spool.disk_usage()  # measured again: the index and rounding count too
+            fits = usage + needed_bytes <= quota
+            if not fits:
+                log.warning(
+                    "spool over quota: %d bytes used + %d needed > %g MB, and nothing %s can be "
+                    "evicted",
+                    usage,
+                    needed_bytes,
+                    self.settings.quota_mb,
+                    "more" if self.settings.evict_unsynced else "synced (evict_unsynced is off)",
+                )
+            return fits, evicted
+
+    # -- the service -----------------------------------------------------------------------------
+
+    def notify(self) -> None:
+        """A capture was kept (or finished recording): drain soon. Safe from any thread."""
+        self._set_soon("_wake")
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """The long-lived task: drain, back off on errors, wait for the network; never dies."""
+        self._loop = asyncio.get_running_loop()
+        self._wake = self._wake or asyncio.Event()
+        self._back_online = self._back_online or asyncio.Event()
+        if self.store is None:
+            log.warning("%s", SYNC_OFF)
+            await stop.wait()
+            return
+        unsubscribe = (
+            self.connectivity.subscribe(self._on_connectivity) if self.connectivity else None
+        )
+        failures = 0
+        last_logged: str | None = None
+        try:
+            while not stop.is_set():
+                if self.connectivity is not None and not self.connectivity.online:
+                    self._state = "offline"
+                    # Back online wakes us; after retry_max_s try anyway, in case the store is
+                    # reachable although the internet is not (a bucket on the LAN).
+                    if await self._wait(stop, self.settings.retry_max_s, notify=False) != "timeout":
+                        continue
+                if self.breaker.state is BreakerState.OPEN:
+                    self._state = "breaker open"
+                    probe_in = self.breaker.snapshot()["probe_in_s"] or 0.0
+                    await self._wait(stop, max(probe_in, 0.01), notify=False, online=False)
+                    continue
+                try:
+                    report = await self.sync_once()
+                except Exception:
+                    log.exception("sync pass failed unexpectedly; backing off")
+                    report = SyncReport(failed=1, error="unexpected error (see the log)")
+                if stop.is_set():
+                    break
+                if report.error_kind is ErrorKind.BREAKER_OPEN:
+                    continue  # the gate above waits for the probe time
+                if report.error is None and report.failed == 0:
+                    if failures:
+                        log.info("sync working again: %s", report.summary())
+                    failures, last_logged = 0, None
+                    delay = self.settings.interval_s
+                    if report.waiting:
+                        delay = min(delay, SETTLE_POLL_S)
+                    self._state = "idle"
+                    await self._wait(stop, delay, notify=True)
+                    continue
+                failures += 1
+                delay = self._retry_delay(failures, report)
+                message = report.error or "captures failed"
+                if report.error_kind in (ErrorKind.AUTH, ErrorKind.CLIENT):
+                    if message != last_logged:
+                        log.error(
+                            "sync cannot deliver captures: %s. Check the bucket/table names, "
+                            "credentials and IAM policy; captures stay on the device, "
+                            "retrying every %gs",
+                            message,
+                            delay,
+                        )
+                    else:
+                        log.info("sync still failing: %s; retrying in %gs", message, delay)
+                else:
+                    log.log(
+                        logging.WARNING if message != last_logged else logging.INFO,
+                        "sync failed: %s; %d pending captures kept, retrying in %.1fs",
+                        message,
+                        report.pending,
+                        delay,
+                    )
+                last_logged = message
+                self._state = "backing off"
+                await self._wait(stop, delay, notify=False)
+        finally:
+            self._halt.set()
+            if unsubscribe is not None:
+                with contextlib.suppress(ValueError):
+                    unsubscribe()
+
+    def _retry_delay(self, failures: int, report: SyncReport) -> float:
+        """Exponential backoff with equal jitter, capped at retry_max_s; slow for AUTH/CLIENT."""
+        cap = self.settings.retry_max_s
+        if report.error_kind in (ErrorKind.AUTH, ErrorKind.CLIENT):
+            return cap
+        ceiling = min(cap, self.backoff_base_s * 2 ** min(failures - 1, 30))
+        return ceiling / 2 + self._jitter() * ceiling / 2
+
+    async def _wait(
+        self, stop: asyncio.Event, timeout: float, *, notify: bool, online: bool = True
+    ) -> str:
+        """Wait for `timeout`, or stop, or (if asked) notify() / the network coming back."""
+        assert self._wake is not None and self._back_online is not None
+        waiters: dict[asyncio.Future[Any], str] = {
+            asyncio.ensure_future(stop.wait()): "stop",
+            asyncio.ensure_future(self._sleep(timeout)): "timeout",
+        }
+        if notify:
+            waiters[asyncio.ensure_future(self._wake.wait())] = "notify"
+        if online:
+            waiters[asyncio.ensure_future(self._back_online.wait())] = "online"
+        try:
+            done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+            await asyncio.gather(*waiters, return_exceptions=True)
+        for name in ("stop", "online", "notify", "timeout"):
+            if any(waiters[w] == name for w in done):
+                return name
+        return "timeout"
+
+    def _on_connectivity(self, online: bool) -> None:
+        if online:
+            log.info("network back: syncing pending captures now")
+            self._set_soon("_back_online")
+
+    def _set_soon(self, name: str) -> None:
+        event = getattr(self, name)
+        loop = self._loop
+        if event is None or loop is None:
+            return  # run() is not running: the next sync_once finds the work anyway
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            event.set()
+        elif not loop.is_closed():
+            loop.call_soon_threadsafe(event.set)
+
+    def _clear_wakeups(self) -> None:
+        for event in (self._wake, self._back_online):
+            if event is not None:
+                event.clear()
+
+    # -- status ----------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """For doctor and the STATUS line: counts, last success and error, breaker, evictions."""
+        try:
+            counts = self.spool.counts()
+        except SpoolError as exc:
+            counts = {}
+            log.error("cannot count captures: %s", exc)
+        with self._lock:
+            totals = dict(self._totals)
+        enabled = self.store is not None
+        return {
+            "enabled": enabled,
+            "state": self._state,
+            "message": SYNC_OFF if not enabled else self._summary(counts),
+            "pending": counts.get("pending", 0),
+            "synced": counts.get("synced", 0),
+            "failed": counts.get("failed", 0),
+            "last_success_at": iso_utc(self._last_success_at) if self._last_success_at else None,
+            "last_error": self._last_error,
+            "last_error_at": iso_utc(self._last_error_at) if self._last_error_at else None,
+            "breaker": self.breaker.snapshot()["state"],
+            "online": self.connectivity.online if self.connectivity is not None else None,
+            "totals": {name: totals.get(name, 0) for name in TOTALS},
+        }
+
+    def _summary(self, counts: dict[str, int]) -> str:
+        pending = counts.get("pending", 0)
+        text = f"sync {self._state}: {pending} pending"
+        if self._last_error and self._state in ("backing off", "breaker open"):
+            text += f"; last error: {self._last_error}"
+        return text
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _require_store(self) -> CaptureStore:
+        if self.store is None:
+            raise CloudError(SERVICE, ErrorKind.CLIENT, SYNC_OFF)
+        return self.store
+
+    async def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """One store call in a worker thread, through the breaker.
+
+        A CloudError (StoreError) counts for the breaker; any other exception (an
+        OSError reading the file) says nothing about the store and propagates.
+        """
+        probing = self.breaker.state is BreakerState.HALF_OPEN
+        if not self.breaker.allow():
+            raise CloudError(SERVICE, ErrorKind.BREAKER_OPEN, "circuit breaker open; will retry")
+        settled = False
+        try:
+            result = await asyncio.to_thread(fn, *args, **kwargs)
+        except CloudError as error:
+            self.breaker.record_failure(error.kind)
+            settled = True
+            raise
+        else:
+            self.breaker.record_success()
+            settled = True
+            return result
+        finally:
+            if probing and not settled:
+                self.breaker.release_probe()
+
+    def _put_file(
+        self,
+        store: CaptureStore,
+        key: str,
+        path: Path,
+        sha256_hex: str,
+        metadata: dict[str, str],
+    ) -> PutResult:
+        """In a worker thread: one file to S3, its reads through the bandwidth cap if any."""
+        bandwidth = self.bandwidth
+        if bandwidth is None:
+            return store.put_file(key, path, sha256_hex=sha256_hex, metadata=metadata)
+        with open(path, "rb") as file:
+
+            def read(n: int) -> bytes:
+                if self._halt.is_set():
+                    raise UploadHalted("the syncer is stopping")
+                data = file.read(n)
+                bandwidth.consume(len(data))
+                return data
+
+            return store.put_file(key, path, sha256_hex=sha256_hex, metadata=metadata, read=read)
+
+    async def _quarantine(self, capture_id: str, problems: list[str]) -> None:
+        reason = "; ".join(problems)
+        log.error(
+            "capture %s is damaged on the device (%s): quarantined, not uploaded",
+            capture_id,
+            reason,
+        )
+        try:
+            await asyncio.to_thread(self.spool.quarantine, capture_id, f"at sync: {reason}")
+        except CaptureNotFoundError:
+            return
+        self._count("quarantined")
+
+    async def _recheck(self, capture_id: str) -> Outcome | None:
+        """After a failed read or a refused upload: GONE, QUARANTINED, or None (intact)."""
+        try:
+            problems = await asyncio.to_thread(self.spool.verify, capture_id)
+        except CaptureNotFoundError:
+            return Outcome.GONE
+        if problems:
+            await self._quarantine(capture_id, problems)
+            return Outcome.QUARANTINED
+        return None
+
+    @contextlib.contextmanager
+    def _claim(self, capture_id: str) -> Iterator[None]:
+        """Mark a capture in flight, so eviction and retention leave it alone meanwhile."""
+        with self._lock:
+            self._in_flight.add(capture_id)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._in_flight.discard(capture_id)
+
+    def _folder_bytes(self, capture_id: str) -> int:
+        total = 0
+        with contextlib.suppress(OSError, CaptureNotFoundError):
+            for entry in os.scandir(self.spool.path(capture_id)):
+                with contextlib.suppress(OSError):
+                    total += entry.stat(follow_symlinks=False).st_size
+        return total
+
+    def _is_in_flight(self, capture_id: str) -> bool:
+        with self._lock:
+            return capture_id in self._in_flight
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self._totals[name] += n
+
+    def _tally(self, report: SyncReport, result: CaptureResult) -> None:
+        report.bytes += result.bytes
+        report.written += result.written
+        report.already_there += result.already_there
+        if result.outcome is Outcome.SYNCED:
+            report.synced += 1
+            self._count("synced")
+            self._count("bytes", result.bytes)
+        elif result.outcome is Outcome.QUARANTINED:
+            report.quarantined += 1
+
+    def _note(self, report: SyncReport) -> None:
+        now = self._now()
+        if report.error is not None and report.error_kind is not None:
+            self._last_error, self._last_error_at = report.error, now
+        elif report.failed:
+            self._last_error, self._last_error_at = "captures failed (see the log)", now
+        if report.synced or (report.reached_store and report.ok):
+            self._last_success_at = now
+
+    @staticmethod
+    def _has_index(store: CaptureStore) -> bool:
+        return bool(_config_value(store, "table"))
+
+
+# --- small helpers ------------------------------------------------------------------------------
+
+
+@dataclass
+class _Tally:
+    captures_total: int
+    bytes_total: int
+    captures_done: int = 0
+    bytes_done: int = 0
+
+    def snapshot(self, capture_id: str | None) -> SyncProgress:
+        return SyncProgress(
+            self.captures_total, self.captures_done, self.bytes_total, self.bytes_done, capture_id
+        )
+
+
+def _call_progress(progress: Progress | None, snapshot: SyncProgress) -> None:
+    if progress is None:
+        return
+    try:
+        progress(snapshot)
+    except Exception:
+        log.exception("sync progress callback failed")
+
+
+def _capture_bytes(record: CaptureRecord) -> int:
+    return sum(info["bytes"] for info in record.files.values())
+
+
+def _metadata(record: CaptureRecord, name: str) -> dict[str, str]:
+    """S3 user metadata (ASCII only): enough to tell what an object is without the index."""
+    return {
+        "capture-id": record.capture_id,
+        "device-id": record.device_id,
+        "created-at": iso_utc(record.created_at),
+        "trigger": record.trigger,
+        "file": name,
+    }
+
+
+def _config_value(store: CaptureStore, name: str) -> Any:
+    return getattr(getattr(store, "config", None), name, None)
+
+
+__all__ = [
+    "SYNC_OFF",
+    "CaptureResult",
+    "Outcome",
+    "SyncProgress",
+    "SyncReport",
+    "Syncer",
+    "TokenBucket",
+    "UploadHalted",
+]

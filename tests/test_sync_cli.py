@@ -1,0 +1,109 @@
+"""Store and forward, as a person sees it: captures made while the store is down reach it with `sync --once`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from moto_server import DEFAULT_REGION, MotoServer, use_aws_test_env
+
+BUCKET, TABLE = "heimdall-test", "heimdall-captures"
+
+
+@pytest.fixture
+def store(monkeypatch: pytest.MonkeyPatch) -> Iterator[MotoServer]:
+    use_aws_test_env(monkeypatch)
+    with MotoServer() as server:
+        server.reset()  # moto's state is per process, not per server
+        server.create_bucket(BUCKET)
+        server.create_table(TABLE)
+        for name, value in {
+            "HEIMDALL_S3_BUCKET": BUCKET,
+            "HEIMDALL_DYNAMODB_TABLE": TABLE,
+            "HEIMDALL_S3_ENDPOINT_URL": server.url,
+            "HEIMDALL_DYNAMODB_ENDPOINT_URL": server.url,
+            "HEIMDALL_SYNC__REGION": DEFAULT_REGION,
+        }.items():
+            monkeypatch.setenv(name, value)
+        yield server
+
+
+def heimdall(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "heimdall_edge.cli", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=dict(os.environ),
+    )
+
+
+def objects(server: MotoServer) -> dict[str, dict]:
+    s3 = server.client("s3")
+    listed = s3.list_objects_v2(Bucket=BUCKET).get("Contents", [])
+    return {o["Key"]: s3.head_object(Bucket=BUCKET, Key=o["Key"]) for o in listed}
+
+
+def test_captures_made_offline_are_delivered_once_when_the_store_returns(
+    store: MotoServer, speech_dir: Path
+) -> None:
+    store.stop()  # the store is unreachable while the person talks
+    for name in ("v2j_what_time_is_it.wav", "ps_goforward.wav", "sr_english.wav"):
+        done = heimdall("demo", "--input", str(speech_dir / name), "--json")
+        assert done.returncode == 0, done.stderr
+    listed = json.loads(heimdall("captures", "--json").stdout)
+    assert [c["sync_state"] for c in listed] == ["pending"] * 3
+
+    failed = heimdall("sync", "--once", "--json")
+    assert failed.returncode == 1
+    assert json.loads(failed.stdout)["error"]  # a clear error, captures kept
+    assert [c["sync_state"] for c in json.loads(heimdall("captures", "--json").stdout)] == [
+        "pending"
+    ] * 3
+
+    store.start()
+    done = heimdall("sync", "--once")
+    assert done.returncode == 0, done.stderr
+    assert "3 synced" in done.stdout
+    assert "captures 3/3" in done.stderr  # the progress bar
+    listed = json.loads(heimdall("captures", "--json").stdout)
+    assert [c["sync_state"] for c in listed] == ["synced"] * 3
+
+    first = objects(store)
+    assert {key.split("/")[-1] for key in first} >= {"audio.wav", "reply.wav", "frame-00.jpg"}
+    assert all(head["ServerSideEncryption"] == "AES256" for head in first.values())
+    ids = {c["capture_id"] for c in listed}
+    assert {key.split("/")[5] for key in first} == ids  # captures/<device>/<y>/<m>/<d>/<id>/<file>
+    items = store.client("dynamodb").scan(TableName=TABLE)["Items"]
+    assert sorted(item["capture_id"]["S"] for item in items) == sorted(ids)
+
+    again = heimdall("sync", "--once", "--json")
+    assert again.returncode == 0 and json.loads(again.stdout)["synced"] == 0
+    assert {k: h["ETag"] for k, h in objects(store).items()} == {
+        k: h["ETag"] for k, h in first.items()
+    }
+    assert len(store.client("dynamodb").scan(TableName=TABLE)["Items"]) == 3
+
+
+def test_sync_without_a_bucket_says_so_and_keeps_captures(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HEIMDALL_S3_BUCKET", raising=False)
+    done = heimdall("sync", "--once")
+    assert done.returncode == 2
+    assert "sync is off: no bucket set (HEIMDALL_S3_BUCKET)" in done.stderr
+
+
+def test_missing_bucket_is_a_clear_error(
+    store: MotoServer, speech_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert heimdall("demo", "--input", str(speech_dir / "sr_english.wav")).returncode == 0
+    monkeypatch.setenv("HEIMDALL_S3_BUCKET", "no-such-bucket")
+    done = heimdall("sync", "--once", "--json")
+    assert done.returncode == 1
+    assert "no-such-bucket" in json.loads(done.stdout)["error"]
+    assert json.loads(heimdall("captures", "--json").stdout)[0]["sync_state"] == "pending"
