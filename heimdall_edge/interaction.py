@@ -124,14 +124,14 @@ class Interaction:
                 log.error("capture not kept: %s", exc)
                 await self._say(SAY_STORAGE_FULL, stop)
                 return TurnResult(None, error=str(exc), timings_ms=watch.timings_ms)
-        if self._on_kept is not None:
-            self._on_kept()
         result = TurnResult(record.capture_id, timings_ms=watch.timings_ms)
         try:
             await self._understand_and_answer(result, utterance, frames, stop, watch)
         finally:
             with watch.stage("record"):
                 await self._record(result)
+            if self._on_kept is not None:
+                self._on_kept()  # the turn is recorded: the capture is ready to sync
             self._indicator.show(IndicatorState.ERROR if result.error else IndicatorState.IDLE)
         return result
 

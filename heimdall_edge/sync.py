@@ -12,7 +12,11 @@ idempotent, and is marked synced in the spool only after all of them were confir
 
 So a crash (or a cut network) anywhere leaves the capture pending, and the next
 attempt completes it without writing anything twice: each capture ends up once in
-S3 and once in DynamoDB, whatever happened in between.
+S3 and once in DynamoDB, whatever happened in between. Only a capture whose turn is
+over (its status is no longer "captured", or it is older than `SETTLE_S`) is synced,
+so its transcript, reply and reply.wav go with it. A capture whose key in S3 already
+holds *different* bytes is marked sync_state "failed" (a person must look); nothing
+else ever gives up.
 
 `Syncer.run()` is the long-lived service task: it drains pending captures, backs
 off (exponentially, with jitter) while the store fails, waits while the device is
@@ -59,7 +63,7 @@ log = logging.getLogger(__name__)
 
 SERVICE = "s3"
 SYNC_OFF = "sync off: no bucket set (HEIMDALL_S3_BUCKET); captures stay on the device"
-MB = 1024 * 1024
+MiB = 1024 * 1024
 SETTLE_S = 300.0
 """A capture whose turn has not been recorded (status "captured") is left alone this long:
 its reply, transcript and reply.wav are still coming. After it, the turn died (a crash) and
@@ -162,11 +166,17 @@ class SyncReport:
     """What one pass did; `error` is the first store error, in words safe to log and show."""
 
     synced: int = 0
+    """Captures confirmed in S3 (and the index) and marked synced in this pass."""
     bytes: int = 0
+    """Bytes uploaded (files written now, not those found already there)."""
     written: int = 0
+    """Objects and index items written."""
     already_there: int = 0
+    """Objects and index items an earlier, interrupted attempt had already stored."""
     failed: int = 0
+    """Captures attempted that did not make it (they stay pending, unless marked failed)."""
     quarantined: int = 0
+    """Captures whose files no longer match their SHA-256: moved to quarantine/, not sent."""
     evicted: int = 0
     """Captures evicted to keep the spool under its quota."""
     expired: int = 0
@@ -265,6 +275,8 @@ class Syncer:
         self._lock = threading.Lock()  # counters, in-flight set
         self._evict_lock = threading.Lock()  # one eviction sweep at a time
         self._in_flight: set[str] = set()
+        self._confirmed: dict[str, dict[str, tuple[str, str]]] = {}
+        """Per pending capture: files S3 confirmed (name -> key, sha256) in this process."""
         self._totals: collections.Counter[str] = collections.Counter()
         self._halt = threading.Event()
         self._pass_lock: asyncio.Lock | None = None
@@ -291,82 +303,101 @@ class Syncer:
         is called after each file.
         """
         store = self._require_store()
-        capture_id = record.capture_id
-        with self._claim(capture_id):
-            try:
-                current = await asyncio.to_thread(self.spool.get, capture_id)
-                if current.sync_state == "synced":
-                    return CaptureResult(capture_id, Outcome.ALREADY_SYNCED)
-                problems = await asyncio.to_thread(self.spool.verify, capture_id)
-                if problems:
-                    await self._quarantine(capture_id, problems)
-                    return CaptureResult(capture_id, Outcome.QUARANTINED)
-                folder = self.spool.path(capture_id)
-            except CaptureNotFoundError:
-                return CaptureResult(capture_id, Outcome.GONE)
+        with self._claim(record.capture_id):
+            result = await self._sync_claimed(store, record.capture_id, progress)
+        with self._lock:  # done with it, one way or another: forget its confirmed files
+            self._confirmed.pop(record.capture_id, None)
+        return result
 
-            keys: dict[str, str] = {}
-            sizes: dict[str, int] = {}
-            sent = written = already = 0
-            for name, info in sorted(current.files.items()):
-                key = store.object_key(current, name)
-                try:
-                    put = await self._call(
-                        self._put_file,
-                        store,
-                        key,
-                        folder / name,
-                        info["sha256"],
-                        _metadata(current, name),
-                    )
-                except (CloudError, OSError) as exc:
-                    # The store hashes what it reads and refuses (CLIENT) a copy that does
-                    # not match: the file changed under us after it was verified?
-                    if isinstance(exc, OSError) or exc.kind is ErrorKind.CLIENT:
-                        outcome = await self._recheck(capture_id)
-                        if outcome is not None:
-                            return CaptureResult(capture_id, outcome)
-                    if isinstance(exc, OSError):
-                        raise SpoolError(f"cannot read {name} of {capture_id}: {exc}") from exc
-                    raise
+    async def _sync_claimed(
+        self,
+        store: CaptureStore,
+        capture_id: str,
+        progress: Callable[[str, int], None] | None,
+    ) -> CaptureResult:
+        try:
+            current = await asyncio.to_thread(self.spool.get, capture_id)
+            if current.sync_state == "synced":
+                return CaptureResult(capture_id, Outcome.ALREADY_SYNCED)
+            problems = await asyncio.to_thread(self.spool.verify, capture_id)
+            if problems:
+                await self._quarantine(capture_id, problems)
+                return CaptureResult(capture_id, Outcome.QUARANTINED)
+            folder = self.spool.path(capture_id)
+        except CaptureNotFoundError:
+            return CaptureResult(capture_id, Outcome.GONE)
+
+        keys: dict[str, str] = {}
+        sizes: dict[str, int] = {}
+        sent = written = already = 0
+        with self._lock:
+            confirmed = self._confirmed.setdefault(capture_id, {})
+        for name, info in sorted(current.files.items()):
+            key = store.object_key(current, name)
+            if confirmed.get(name) == (key, info["sha256"]):
+                # Confirmed by an earlier attempt of this process (the index write
+                # failed, say): no need to send it again to learn it is there.
                 keys[name], sizes[name] = key, info["bytes"]
-                if put is PutResult.WRITTEN:
-                    written += 1
-                    sent += info["bytes"]
-                else:
-                    already += 1
+                already += 1
                 if progress is not None:
                     progress(name, info["bytes"])
-
-            synced_at = self._now()
-            if self._has_index(store):
-                item = index_item(current, keys, sizes, synced_at=synced_at)
-                put = await self._call(store.put_index, item)
-                if put is PutResult.WRITTEN:
-                    written += 1
-                else:
-                    already += 1
-
-            # Only now, with every object and the index item confirmed: mark it synced.
-            extra = {
-                **current.extra,
-                "s3_keys": keys,
-                "s3_bucket": _config_value(store, "bucket"),
-                "synced_at": iso_utc(synced_at),
-            }
+                continue
             try:
-                await asyncio.to_thread(
-                    self.spool.update, capture_id, sync_state="synced", extra=extra
+                put = await self._call(
+                    self._put_file,
+                    store,
+                    key,
+                    folder / name,
+                    info["sha256"],
+                    _metadata(current, name),
                 )
-            except CaptureNotFoundError:
-                log.info("capture %s reached the cloud but left the spool meanwhile", capture_id)
-                return CaptureResult(capture_id, Outcome.GONE, sent, written, already, keys)
+            except (CloudError, OSError) as exc:
+                # The store hashes what it reads and refuses (CLIENT) a copy that does
+                # not match: the file changed under us after it was verified?
+                if isinstance(exc, OSError) or exc.kind is ErrorKind.CLIENT:
+                    outcome = await self._recheck(capture_id)
+                    if outcome is not None:
+                        return CaptureResult(capture_id, outcome)
+                if isinstance(exc, OSError):
+                    raise SpoolError(f"cannot read {name} of {capture_id}: {exc}") from exc
+                raise
+            keys[name], sizes[name] = key, info["bytes"]
+            confirmed[name] = (key, info["sha256"])
+            if put is PutResult.WRITTEN:
+                written += 1
+                sent += info["bytes"]
+            else:
+                already += 1
+            if progress is not None:
+                progress(name, info["bytes"])
+
+        synced_at = self._now()
+        if self._has_index(store):
+            item = index_item(current, keys, sizes, synced_at=synced_at)
+            put = await self._call(store.put_index, item)
+            if put is PutResult.WRITTEN:
+                written += 1
+            else:
+                already += 1
+
+        # Only now, with every object and the index item confirmed: mark it synced.
+        extra = {
+            **{k: v for k, v in current.extra.items() if k != "sync_error"},
+            "s3_keys": keys,
+            "s3_bucket": _config_value(store, "bucket"),
+            "synced_at": iso_utc(synced_at),
+        }
+        try:
+            await asyncio.to_thread(self.spool.update, capture_id, sync_state="synced", extra=extra)
+        except CaptureNotFoundError:
+            log.info("capture %s reached the cloud but left the spool meanwhile", capture_id)
+            return CaptureResult(capture_id, Outcome.GONE, sent, written, already, keys)
         log.info(
             "synced capture %s: %d files, %d bytes uploaded%s",
             capture_id,
             len(keys),
             sent,
-            f" ({already} already there from an earlier attempt)" if already else "",
+            f"; {already} of {written + already} writes were already done" if already else "",
         )
         return CaptureResult(capture_id, Outcome.SYNCED, sent, written, already, keys)
 
@@ -375,8 +406,12 @@ class Syncer:
     async def sync_once(self, progress: Progress | None = None) -> SyncReport:
         """Upload every settled pending capture, oldest first; then retention and quota.
 
-        Never raises for a store or spool problem: the report says what happened, and
-        `error` holds the first store error. Captures that could not go stay pending.
+        A store error never raises: the report says what happened, `error` holds the
+        first store error, and captures that could not go stay pending. Only a bug or a
+        broken spool index raises (run() logs it and backs off).
+
+        `progress(SyncProgress)` is called in the event loop after each file and each
+        capture; for tqdm: ``bar.total = p.bytes_total; bar.update(p.bytes_done - bar.n)``.
         """
         if self._pass_lock is None:
             self._pass_lock = asyncio.Lock()
@@ -438,20 +473,21 @@ class Syncer:
                 try:
                     result = await self.sync_capture(record, file_done(record.capture_id))
                 except CloudError as error:
+                    if report.error is None or report.error_kind is ErrorKind.BREAKER_OPEN:
+                        report.error, report.error_kind = str(error), error.kind
                     if error.kind is ErrorKind.BREAKER_OPEN:  # not attempted: no failure
                         stop = True
                     else:
                         report.failed += 1
                         self._count("failed")
-                        client_errors += error.kind in (ErrorKind.CLIENT, ErrorKind.MALFORMED)
-                        stop = (
-                            stop
-                            or error.kind in RETRYABLE | {ErrorKind.AUTH, ErrorKind.OFFLINE}
-                            or client_errors >= CLIENT_ERRORS_IN_A_ROW
-                        )
-                    if report.error is None:
-                        report.error, report.error_kind = str(error), error.kind
-                    log.info("capture %s not synced: %s", record.capture_id, error)
+                        log.info("capture %s not synced: %s", record.capture_id, error)
+                        if getattr(error, "code", None) == "PreconditionFailed":
+                            await self._give_up(record.capture_id, error)  # this capture's own
+                        elif error.kind in RETRYABLE | {ErrorKind.AUTH, ErrorKind.OFFLINE}:
+                            stop = True  # the store is in trouble: leave the rest for later
+                        else:
+                            client_errors += 1
+                            stop = stop or client_errors >= CLIENT_ERRORS_IN_A_ROW
                 except Exception:
                     report.failed += 1
                     self._count("failed")
@@ -556,7 +592,7 @@ class Syncer:
         return fits
 
     def _make_room(self, needed_bytes: int) -> tuple[bool, int]:
-        quota = int(self.settings.quota_mb * MB)
+        quota = int(self.settings.quota_mb * MiB)
         with self._evict_lock:
             usage = self.spool.disk_usage()
             if usage + needed_bytes <= quota:
@@ -647,6 +683,7 @@ class Syncer:
             while not stop.is_set():
                 if self.connectivity is not None and not self.connectivity.online:
                     self._state = "offline"
+                    self._back_online.clear()  # offline now: an earlier "back online" is stale
                     # Back online wakes us; after retry_max_s try anyway, in case the store is
                     # reachable although the internet is not (a bucket on the LAN).
                     if await self._wait(stop, self.settings.retry_max_s, notify=False) != "timeout":
@@ -656,17 +693,25 @@ class Syncer:
                     probe_in = self.breaker.snapshot()["probe_in_s"] or 0.0
                     await self._wait(stop, max(probe_in, 0.01), notify=False, online=False)
                     continue
-                try:
-                    report = await self.sync_once()
-                except Exception:
-                    log.exception("sync pass failed unexpectedly; backing off")
-                    report = SyncReport(failed=1, error="unexpected error (see the log)")
-                if stop.is_set():
+                report = await self._pass_unless_stopped(stop)
+                if report is None:
                     break
                 if report.error_kind is ErrorKind.BREAKER_OPEN:
                     continue  # the gate above waits for the probe time
-                if report.error is None and report.failed == 0:
-                    if failures:
+                # Some captures failed with an error of their own while others went: the
+                # store works, so no backoff (they are tried again at the next pass).
+                own_trouble = report.synced > 0 and report.error_kind in (
+                    ErrorKind.CLIENT,
+                    ErrorKind.MALFORMED,
+                )
+                if (report.error is None and report.failed == 0) or own_trouble:
+                    if own_trouble:
+                        log.warning(
+                            "sync: %d captures failed (%s); the others were delivered",
+                            report.failed,
+                            report.error,
+                        )
+                    elif failures:
                         log.info("sync working again: %s", report.summary())
                     failures, last_logged = 0, None
                     delay = self.settings.interval_s
@@ -705,6 +750,29 @@ class Syncer:
             if unsubscribe is not None:
                 with contextlib.suppress(ValueError):
                     unsubscribe()
+
+    async def _pass_unless_stopped(self, stop: asyncio.Event) -> SyncReport | None:
+        """One pass; None if `stop` came first (the pass is cancelled: all of it is idempotent,
+        and with a bandwidth cap the uploads in worker threads stop at their next read)."""
+        task = asyncio.ensure_future(self.sync_once())
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            if not task.done():
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await stopped
+        if stop.is_set():
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            return None
+        try:
+            return task.result()
+        except Exception:
+            log.exception("sync pass failed unexpectedly; backing off")
+            return SyncReport(failed=1, error="unexpected error (see the log)")
 
     def _retry_delay(self, failures: int, report: SyncReport) -> float:
         """Exponential backoff with equal jitter, capped at retry_max_s; slow for AUTH/CLIENT."""
@@ -863,6 +931,31 @@ class Syncer:
             return
         self._count("quarantined")
 
+    async def _give_up(self, capture_id: str, error: CloudError) -> None:
+        """S3 holds different bytes at this capture's key: no retry fixes that, a person must.
+
+        The capture is marked sync_state "failed" (it stays on the device, counted in
+        status(), and is no longer retried); the reason goes to its extra["sync_error"].
+        """
+        log.error(
+            "capture %s cannot be synced and is marked failed: %s. It stays on the device; "
+            "set it back to pending once the object in S3 is dealt with",
+            capture_id,
+            error,
+        )
+        try:
+            current = await asyncio.to_thread(self.spool.get, capture_id)
+            await asyncio.to_thread(
+                self.spool.update,
+                capture_id,
+                sync_state="failed",
+                extra={**current.extra, "sync_error": str(error)},
+            )
+        except CaptureNotFoundError:
+            pass
+        except SpoolError as exc:
+            log.error("cannot mark capture %s failed: %s", capture_id, exc)
+
     async def _recheck(self, capture_id: str) -> Outcome | None:
         """After a failed read or a refused upload: GONE, QUARANTINED, or None (intact)."""
         try:
@@ -907,6 +1000,7 @@ class Syncer:
         report.already_there += result.already_there
         if result.outcome is Outcome.SYNCED:
             report.synced += 1
+            report.reached_store = True
             self._count("synced")
             self._count("bytes", result.bytes)
         elif result.outcome is Outcome.QUARANTINED:

@@ -216,17 +216,29 @@ async def test_sync_capture_marks_synced_only_after_s3_and_the_index(
     """The index write fails (no table): the objects are there, the capture stays pending."""
     moto.client("dynamodb").delete_table(TableName=TABLE)
     record = capture(spool)
-    sync = syncer(spool, make_store(moto))
+    real = make_store(moto)
+    sent: list[str] = []
+
+    class Counting:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        def put_file(self, key: str, *args: Any, **kwargs: Any) -> PutResult:
+            sent.append(key)
+            return real.put_file(key, *args, **kwargs)
+
+    sync = syncer(spool, Counting())  # type: ignore[arg-type]
     with pytest.raises(Exception, match="table 'heimdall-captures' does not exist") as caught:
         await asyncio.wait_for(sync.sync_capture(record), TIMEOUT)
     assert getattr(caught.value, "kind", None) is ErrorKind.CLIENT
-    assert len(objects(moto)) == len(record.files)
+    assert len(objects(moto)) == len(sent) == len(record.files)
     assert spool.get(record.capture_id).sync_state == "pending"
 
     moto.create_table(TABLE)
     result = await asyncio.wait_for(sync.sync_capture(record), TIMEOUT)
     assert result.outcome is Outcome.SYNCED
     assert (result.written, result.already_there, result.bytes) == (1, len(record.files), 0)
+    assert len(sent) == len(record.files)  # confirmed before: not sent again
     assert spool.get(record.capture_id).sync_state == "synced"
     assert len(items(moto)) == 1
 
@@ -318,6 +330,29 @@ async def test_a_file_damaged_after_the_check_is_refused_by_the_store_and_quaran
     report = await asyncio.wait_for(syncer(spool, store).sync_once(), TIMEOUT)
     assert (report.quarantined, report.synced, report.failed) == (1, 0, 0)
     assert objects(moto) == {} and items(moto) == []
+
+
+async def test_a_different_object_at_a_captures_key_needs_a_person(
+    moto: MotoServer, store: CaptureStore, spool: Spool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No retry can fix it: the capture is marked failed (kept, counted), the rest go on."""
+    clash, fine = capture(spool), capture(spool)
+    moto.client("s3").put_object(
+        Bucket=BUCKET, Key=store.object_key(clash, "audio.wav"), Body=b"someone else's"
+    )
+    sync = syncer(spool, store)
+    with caplog.at_level(logging.ERROR, logger="heimdall_edge.sync"):
+        report = await asyncio.wait_for(sync.sync_once(), TIMEOUT)
+    assert (report.synced, report.failed, report.pending) == (1, 1, 0)
+    assert "a different object already exists" in (report.error or "")
+    failed = spool.get(clash.capture_id)
+    assert failed.sync_state == "failed"
+    assert "a different object already exists" in failed.extra["sync_error"]
+    assert spool.get(fine.capture_id).sync_state == "synced"
+    assert sync.status()["failed"] == 1
+    assert any(clash.capture_id in m and "marked failed" in m for m in messages(caplog))
+    again = await asyncio.wait_for(sync.sync_once(), TIMEOUT)
+    assert (again.failed, again.written) == (0, 0)  # not retried by every pass
 
 
 # --- store errors ---------------------------------------------------------------------------------
@@ -640,6 +675,34 @@ async def test_run_waits_while_offline_and_drains_when_the_network_returns(
     assert all(spool.get(r.capture_id).sync_state == "synced" for r in records)
 
 
+async def test_run_does_not_spin_when_the_network_flaps(store: CaptureStore, spool: Spool) -> None:
+    async def probe() -> bool:
+        return False
+
+    connectivity = Connectivity(probe, offline_after=1)
+    connectivity.record_failure(ErrorKind.CONNECTION)
+    capture(spool)
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        await asyncio.sleep(seconds)
+
+    sync = syncer(spool, store, connectivity=connectivity, retry_max_s=3600, sleep=sleep)
+    stop = asyncio.Event()
+    task = asyncio.create_task(sync.run(stop))
+    try:
+        await until(lambda: sync.status()["state"] == "offline", TIMEOUT, "offline", task)
+        connectivity.record_success()  # back for a moment...
+        connectivity.record_failure(ErrorKind.CONNECTION)  # ...and gone again
+        await asyncio.sleep(0.2)
+        assert len(waits) <= 3, f"{len(waits)} waits in 0.2 s: the loop spins"
+        assert spool.counts()["pending"] == 1
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, TIMEOUT)
+
+
 class ScriptedSleep:
     """The syncer's sleep: records each wait; short ones move a fake clock and return, the
     idle wait (interval_s) really waits, so the loop rests until a test wakes it."""
@@ -804,6 +867,34 @@ async def test_run_never_dies_on_an_unexpected_error(
             stop.set()
             await asyncio.wait_for(task, TIMEOUT)
     assert sum("sync pass failed unexpectedly" in m for m in messages(caplog, logging.ERROR)) == 2
+
+
+async def test_stopping_cuts_a_slow_upload_short_and_keeps_the_capture_pending(
+    moto: MotoServer, spool: Spool
+) -> None:
+    record = capture(spool, audio_bytes=2 * MiB, frames=0)
+    store = make_store(moto, multipart_threshold_bytes=MiB)
+    sync = syncer(spool, store, bandwidth_kbps=200)  # about 10 s for this capture
+    stop = asyncio.Event()
+    task = asyncio.create_task(sync.run(stop))
+    s3 = moto.client("s3")
+    await until(
+        lambda: s3.list_multipart_uploads(Bucket=BUCKET).get("Uploads"),
+        TIMEOUT,
+        "the multipart upload to start",
+        task,
+    )
+    started = time.monotonic()
+    stop.set()
+    await asyncio.wait_for(task, TIMEOUT)
+    assert time.monotonic() - started < 2.0
+    assert spool.get(record.capture_id).sync_state == "pending"
+    await until(  # the worker thread stops at its next read and aborts its upload
+        lambda: not s3.list_multipart_uploads(Bucket=BUCKET).get("Uploads"),
+        TIMEOUT,
+        "the interrupted upload to be aborted",
+    )
+    assert objects(moto) == {}
 
 
 async def test_status_for_doctor(moto: MotoServer, store: CaptureStore, spool: Spool) -> None:
