@@ -23,6 +23,7 @@ test: setup
 bench: models
 	$(VENV)/bin/python bench/latency.py
 	$(VENV)/bin/python bench/fallback.py
+	$(VENV)/bin/python bench/sync.py
 
 clean:
 	rm -rf .state .pytest_cache

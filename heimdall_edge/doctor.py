@@ -52,6 +52,7 @@ def run_checks(settings: Settings, explicit_config: Path | None) -> Iterator[Che
             for name, env in (("OpenAI", "openai_api_key"), ("ElevenLabs", "elevenlabs_api_key"))
         ],
         _cloud_state,
+        _sync,
     ]
     for check in checks:
         try:
@@ -217,3 +218,26 @@ def _cloud_state(settings: Settings) -> Check:
     if open_ or not status.get("online", True):
         return Check(Level.WARN, "cloud state", ", ".join(parts) + ": answering with local engines")
     return Check(Level.OK, "cloud state", ", ".join(parts))
+
+
+def _sync(settings: Settings) -> Check:
+    """Whether captures can reach the store, and how many are waiting."""
+    from heimdall_edge.cloudstore import CaptureStore, StoreConfig, StoreError
+    from heimdall_edge.spool import Spool
+
+    with Spool(settings.spool_dir) as spool:
+        counts = spool.counts()
+    waiting = f"{counts.get('pending', 0)} pending, {counts.get('failed', 0)} failed, {counts.get('synced', 0)} synced"
+    config = StoreConfig.from_settings(settings)
+    if config is None:
+        return Check(
+            Level.WARN,
+            "sync",
+            f"off: no bucket set (HEIMDALL_S3_BUCKET); captures stay on the device ({waiting})",
+        )
+    try:
+        CaptureStore(config, connect_timeout_s=3, read_timeout_s=5).check()
+    except StoreError as exc:
+        return Check(Level.FAIL, "sync", f"{exc} ({waiting})")
+    table = f" and table {config.table}" if config.table else ""
+    return Check(Level.OK, "sync", f"bucket {config.bucket}{table} reachable ({waiting})")

@@ -107,3 +107,16 @@ def test_missing_bucket_is_a_clear_error(
     assert done.returncode == 1
     assert "no-such-bucket" in json.loads(done.stdout)["error"]
     assert json.loads(heimdall("captures", "--json").stdout)[0]["sync_state"] == "pending"
+
+
+def test_doctor_checks_the_store(store: MotoServer) -> None:
+    lines = heimdall("doctor").stdout.splitlines()
+    [line] = [line for line in lines if line.split(":")[0].endswith("sync")]
+    assert line.startswith(f"OK   sync: bucket {BUCKET} and table {TABLE} reachable")
+    store.stop()
+    [line] = [
+        line
+        for line in heimdall("doctor").stdout.splitlines()
+        if line.split(":")[0].endswith("sync")
+    ]
+    assert line.startswith("FAIL sync: ") and "pending" in line
