@@ -23,6 +23,7 @@ from heimdall_edge.devices.base import (
     Indicator,
     IndicatorState,
     Microphone,
+    MicrophoneEnded,
     Speaker,
 )
 from heimdall_edge.devices.camera import frames_while
@@ -148,7 +149,10 @@ class Appliance:
         self.notifier.ready(self._idle_status())
 
     async def serve(self, stop: asyncio.Event) -> None:
-        """Turn after turn until `stop` is set; an error in one turn never ends the loop."""
+        """Turn after turn until `stop` is set; an error in one turn never ends the loop.
+
+        A finite microphone (simulation from files) running out ends the service cleanly.
+        """
         watchdog = asyncio.create_task(self.watchdog.run(), name="watchdog")
         background = [watchdog]
         if self.engines.connectivity is not None and self.engines.policies:
@@ -163,6 +167,9 @@ class Appliance:
                 stopped.cancel()
                 if stop.is_set() and not turn.done():
                     await self._finish_for_stop(turn)
+                    break
+                if not turn.cancelled() and isinstance(turn.exception(), MicrophoneEnded):
+                    log.info("microphone input ended: stopping")
                     break
                 self._report(turn)
         finally:

@@ -99,12 +99,20 @@ def run(
         list[Path] | None,
         typer.Option("--input", help="With --simulate: audio played into the microphone."),
     ] = None,
+    fast: Annotated[
+        bool,
+        typer.Option(
+            "--fast", help="With --simulate: play the inputs as fast as possible, then stop."
+        ),
+    ] = False,
 ) -> None:
     """Run the appliance (the systemd service). Under --simulate, SIGUSR1 presses the button."""
     try:
         settings = _settings()
         if simulate:
-            devices = builders.build_simulated_devices(settings, inputs=inputs or [], realtime=True)
+            devices = builders.build_simulated_devices(
+                settings, inputs=inputs or [], realtime=not fast
+            )
         else:
             devices = builders.build_devices(settings)
     except EXPECTED_ERRORS as exc:

@@ -18,7 +18,15 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from heimdall_edge.audio import FRAME_BYTES, FRAME_MS, SAMPLE_RATE, frames, noise, read_audio
+from heimdall_edge.audio import (
+    FRAME_BYTES,
+    FRAME_MS,
+    SAMPLE_RATE,
+    frames,
+    noise,
+    read_audio,
+    silence,
+)
 from heimdall_edge.devices.base import DeviceError, MicrophoneEnded
 from heimdall_edge.devices.portaudio import (
     FALLBACK_RATES,
@@ -335,6 +343,7 @@ class FileMicrophone:
         realtime: bool = False,
         *,
         tail_silence_ms: int = 2000,
+        gap_ms: int = 1500,
         noise_dbfs: float | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
@@ -343,6 +352,7 @@ class FileMicrophone:
         self.name = "file:" + (",".join(Path(p).name for p in paths) or "silence")
         self.realtime = realtime
         self._tail_frames = max(1, -(-tail_silence_ms // FRAME_MS))
+        self._gap = frames(silence(gap_ms)) if gap_ms else []
         self._noise_dbfs = noise_dbfs
         self._clock = clock
         self._sleep = sleep
@@ -353,7 +363,9 @@ class FileMicrophone:
             self.queue(path)
 
     def queue(self, path: str | Path) -> None:
-        """Add an utterance to be heard after what is already queued."""
+        """Add an utterance to be heard after what is already queued (and a pause, so they stay apart)."""
+        if self._frames:
+            self._frames.extend(self._gap)
         self._frames.extend(frames(read_audio(path).pcm))
         self._silent_frames = 0
 
