@@ -142,7 +142,8 @@ class Appliance:
                 time.monotonic() - started,
                 rendered,
             )
-        if not self.devices.camera.available:
+        # Opening picamera2 takes about a second on a Pi: not on the event loop.
+        if not await asyncio.to_thread(lambda: self.devices.camera.available):
             log.warning("no camera: captures will hold audio only")
         self.devices.indicator.show(IndicatorState.IDLE)
         await asyncio.to_thread(self._write_status)
