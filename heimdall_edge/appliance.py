@@ -160,6 +160,8 @@ class Appliance:
             background.append(
                 asyncio.create_task(self.engines.connectivity.run(), name="connectivity")
             )
+        if self.syncer is not None:  # store and forward, in the background of every turn
+            background.append(asyncio.create_task(self.syncer.run(stop), name="sync"))
         try:
             while not stop.is_set():
                 turn = asyncio.create_task(self.one_turn(), name="turn")
@@ -275,9 +277,12 @@ class Appliance:
             "captures": self.spool.counts(),
             "sync": self.syncer.status() if self.syncer else None,
         }
-        replace_file(
-            self.settings.state_dir / STATUS_FILE, json.dumps(status, default=str).encode()
-        )
+        try:
+            replace_file(
+                self.settings.state_dir / STATUS_FILE, json.dumps(status, default=str).encode()
+            )
+        except OSError as exc:  # only `doctor` reads it: never worth a turn (a full disk, say)
+            log.warning("could not write %s: %s", STATUS_FILE, exc)
 
     async def _vouch_for_turn(self) -> None:
         """Beat while a turn runs (inference can take seconds on a Pi), but only up to a bound.

@@ -19,6 +19,8 @@ SAMPLE_WIDTH = 2
 FRAME_MS = 30
 FRAME_SAMPLES = SAMPLE_RATE * FRAME_MS // 1000
 FRAME_BYTES = FRAME_SAMPLES * SAMPLE_WIDTH
+MIN_FILE_RATE = 4_000
+"""Lowest sample rate read_audio accepts (telephone speech is 8 kHz)."""
 
 
 class AudioError(ValueError):
@@ -83,8 +85,19 @@ def read_audio(path: Path | str, sample_rate: int = SAMPLE_RATE) -> Audio:
         ) from exc
     if samples.shape[0] == 0:
         raise AudioError(f"audio file {path} holds no samples: record again")
-    mono = samples.mean(axis=1)
-    return Audio(to_int16(resample(mono, rate, sample_rate)).tobytes(), sample_rate)
+    if rate < MIN_FILE_RATE:  # a damaged header: resampling would inflate it rate-fold
+        raise AudioError(
+            f"audio file {path} says it runs at {rate} Hz, below any speech recording "
+            f"({MIN_FILE_RATE} Hz or more): the file is damaged or not audio"
+        )
+    # NaN has no int16 value; a float file holding it is damaged there: make it silence.
+    mono = np.nan_to_num(samples, nan=0.0, posinf=1.0, neginf=-1.0).mean(axis=1)
+    pcm = to_int16(resample(mono, rate, sample_rate)).tobytes()
+    if not pcm:
+        raise AudioError(
+            f"audio file {path} is too short to hold a single sample at {sample_rate} Hz"
+        )
+    return Audio(pcm, sample_rate)
 
 
 def frames(pcm: bytes, frame_bytes: int = FRAME_BYTES) -> list[bytes]:

@@ -7,6 +7,7 @@ The CLI and the tests build the appliance through these, so `run --simulate`,
 from __future__ import annotations
 
 import errno
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,9 @@ from heimdall_edge.routing import Cloud, Engines
 from heimdall_edge.settings import Settings, SettingsError
 from heimdall_edge.spool import Spool
 from heimdall_edge.sync import Syncer
-from heimdall_edge.voice_cache import VoiceCache
+from heimdall_edge.voice_cache import VoiceCache, VoiceCacheError
 
+log = logging.getLogger(__name__)
 OPENAI_DEFAULT_URL = "https://api.openai.com/v1"
 
 
@@ -71,11 +73,7 @@ def build_engines(settings: Settings, *, voice_cache: bool = True) -> Engines:
             "reply": resilience.reply_hedge_after_ms / 1000,
             "tts": resilience.tts_hedge_after_ms / 1000,
         },
-        cache=VoiceCache(
-            settings.state_dir / "voice-cache", int(settings.voice_cache.max_mb * 1024**2)
-        )
-        if voice_cache and settings.voice_cache.max_mb
-        else None,
+        cache=_open_voice_cache(settings) if voice_cache and settings.voice_cache.max_mb else None,
         connectivity=connectivity,
     )
     if cloud.enabled and secrets.openai_api_key is not None:
@@ -120,6 +118,17 @@ def build_engines(settings: Settings, *, voice_cache: bool = True) -> Engines:
             ),
         )
     return engines
+
+
+def _open_voice_cache(settings: Settings) -> VoiceCache | None:
+    """The voice cache, or None when it cannot be opened (a full disk, say): it only saves time."""
+    try:
+        return VoiceCache(
+            settings.state_dir / "voice-cache", int(settings.voice_cache.max_mb * 1024**2)
+        )
+    except VoiceCacheError as exc:
+        log.warning("voice cache off: %s", exc)
+        return None
 
 
 def build_syncer(

@@ -220,7 +220,7 @@ def transcribe(
     engines = builders.build_engines(settings, voice_cache=False)
 
     async def go() -> tuple[str, str, float]:
-        await engines.load()
+        await engines.stt.load()  # the voice is not needed to transcribe
         started = time.perf_counter()
         transcript = await engines.transcribe(clip)
         return transcript.text, transcript.engine, (time.perf_counter() - started) * 1000
@@ -259,7 +259,7 @@ async def _say(settings: Settings, text: str, output: Path | None) -> dict[str, 
 
     builders.prepare_state_dir(settings)  # the voice cache lives there
     engines = builders.build_engines(settings)
-    await engines.load()
+    await engines.tts.load()  # the speech-to-text model is not needed to speak
     speaker = WavFileSpeaker(output, realtime=False) if output else PyAudioSpeaker(settings.speaker)
     started = time.monotonic()
     try:

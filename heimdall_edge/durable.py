@@ -135,9 +135,11 @@ def is_disk_full(exc: BaseException) -> bool:
     """Whether a storage error means the disk (or the user's quota) is full."""
     if isinstance(exc, OSError):
         return exc.errno in (errno.ENOSPC, errno.EDQUOT)
-    return (
-        isinstance(exc, sqlite3.Error)
-        and getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+    # SQLITE_IOERR_SHMSIZE: the WAL index (-shm) could not grow, "may indicate that the
+    # underlying filesystem volume is out of space" (sqlite.org/rescode.html); on tmpfs it is.
+    return isinstance(exc, sqlite3.Error) and getattr(exc, "sqlite_errorcode", None) in (
+        sqlite3.SQLITE_FULL,
+        sqlite3.SQLITE_IOERR_SHMSIZE,
     )
 
 

@@ -24,7 +24,7 @@ from heimdall_edge.engines.base import ReplyRequest
 from heimdall_edge.engines.offline_reply import OFFLINE_ACK
 from heimdall_edge.listening import Utterance
 from heimdall_edge.routing import Engines
-from heimdall_edge.spool import Spool, SpoolFullError
+from heimdall_edge.spool import Spool, SpoolError, SpoolFullError
 from heimdall_edge.streams import prefetch
 
 log = logging.getLogger(__name__)
@@ -218,9 +218,13 @@ class Interaction:
                 playback.first_audio_at - utterance.ended_at
             ) * 1000
         if played and result.capture_id:
-            await asyncio.to_thread(
-                self._spool.add_file, result.capture_id, "reply.wav", _join(played)
-            )
+            try:
+                await asyncio.to_thread(
+                    self._spool.add_file, result.capture_id, "reply.wav", _join(played)
+                )
+            except SpoolError as exc:  # e.g. a full disk: the capture is kept, the reply was heard
+                log.error("reply.wav not kept with capture %s: %s", result.capture_id, exc)
+                result.error = result.error or f"keep reply: {exc}"
         return spoken
 
     async def _say(self, text: str, stop: asyncio.Event) -> Playback:

@@ -32,7 +32,7 @@ from heimdall_edge.engines.cloud_reply import CloudReplyEngine
 from heimdall_edge.engines.elevenlabs import ElevenLabsEngine
 from heimdall_edge.engines.openai_whisper import OpenAIWhisperEngine
 from heimdall_edge.resilience import CallPolicy, CloudError, classify
-from heimdall_edge.voice_cache import VoiceCache, cache_key
+from heimdall_edge.voice_cache import VoiceCache, VoiceCacheError, cache_key
 
 log = logging.getLogger(__name__)
 
@@ -271,8 +271,7 @@ class Engines:
             if await asyncio.to_thread(self.cache.__contains__, key):
                 continue
             chunks = [chunk async for chunk in self.tts.synthesize(phrase)]
-            await asyncio.to_thread(self.cache.put, key, _joined(chunks))
-            rendered += 1
+            rendered += await self._put(key, _joined(chunks))
         return rendered
 
     def _cloud_key(self, text: str) -> str:
@@ -306,7 +305,17 @@ class Engines:
                 chunks.append(chunk)
                 yield chunk
         if self.cache is not None:
-            await asyncio.to_thread(self.cache.put, key, _joined(chunks))
+            await self._put(key, _joined(chunks))
+
+    async def _put(self, key: str, audio: Audio) -> bool:
+        """Keep a clip; a cache that cannot take it (a full disk, say) costs time later, not speech."""
+        assert self.cache is not None
+        try:
+            await asyncio.to_thread(self.cache.put, key, audio)
+        except VoiceCacheError as exc:
+            log.warning("voice cache: clip not kept: %s", exc)
+            return False
+        return True
 
 
 async def _survive(

@@ -341,6 +341,16 @@ def load_settings(explicit: Path | None = None) -> Settings:
                 f"config file {path} has a [secrets] table: keep API keys out of the config; "
                 "set OPENAI_API_KEY / ELEVENLABS_API_KEY or use systemd LoadCredential="
             )
+        # No setting starts with "_"; pydantic-settings' own arguments do (_env_file,
+        # _secrets_dir, _cli_parse_args...): a config file must not reach them.
+        if reserved := sorted(key for key in data if key.startswith("_")):
+            raise SettingsError(
+                f"invalid settings ({path}):\n"
+                + "\n".join(
+                    f"  {key}: unknown key; check its spelling against config.example.toml"
+                    for key in reserved
+                )
+            )
     elif required:
         raise SettingsError(
             f"config file {path} does not exist: create it (see config.example.toml) "

@@ -236,6 +236,8 @@ class Spool:
                 self._db = _connect(self.root / INDEX_NAME)
                 rebuilt = True
         except (OSError, sqlite3.Error) as exc:
+            if durable.is_disk_full(exc):
+                raise self._storage_error(exc, "its index cannot be opened") from exc
             raise SpoolError(
                 f"cannot open the spool index {self.root / INDEX_NAME}: {exc}"
             ) from exc
@@ -681,13 +683,11 @@ def _choice(data: dict[str, Any], key: str, choices: tuple[str, ...]) -> str:
 def _parse_time(text: str) -> datetime:
     try:
         when = datetime.fromisoformat(text)
-    except ValueError:
-        when = None
-    if when is None or when.tzinfo is None:
-        raise SpoolError(
-            f"capture record field 'created_at' is not an ISO 8601 UTC time: {text!r:.80}"
-        )
-    return when.astimezone(UTC)
+        if when.tzinfo is not None:
+            return when.astimezone(UTC)
+    except (ValueError, OverflowError):  # OverflowError: year 1 or 9999 shifted out of range
+        pass
+    raise SpoolError(f"capture record field 'created_at' is not an ISO 8601 UTC time: {text!r:.80}")
 
 
 def _parse_files(files: dict[str, Any]) -> dict[str, FileInfo]:
@@ -722,16 +722,20 @@ def _parse_engines(engines: dict[str, Any]) -> dict[str, str]:
 def _parse_timings(timings: dict[str, Any]) -> dict[str, float]:
     parsed: dict[str, float] = {}
     for stage, value in timings.items():
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-        ):
+        try:
+            ms = (
+                None
+                if isinstance(value, bool) or not isinstance(value, int | float)
+                else float(value)
+            )
+        except OverflowError:  # an int too large for any float
+            ms = None
+        if ms is None or not math.isfinite(ms):
             raise SpoolError(
                 f"capture record field 'timings_ms' must map stages to milliseconds, "
                 f"got {stage!r}: {value!r:.40}"
             )
-        parsed[stage] = float(value)
+        parsed[stage] = ms
     return parsed
 
 
@@ -765,7 +769,7 @@ def _read_record(folder: Path) -> CaptureRecord:
         raise SpoolError(f"{path} is missing") from None
     except OSError as exc:
         raise SpoolError(f"{path} cannot be read: {exc}") from exc
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, too deep
         raise SpoolError(f"{path} is not valid JSON: {exc}") from exc
     try:
         record = CaptureRecord.from_dict(data)
