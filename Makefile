@@ -6,7 +6,7 @@ export HEIMDALL_MODELS_DIR ?= $(abspath $(firstword $(wildcard ../shared/models)
 export HEIMDALL_STATE_DIR ?= $(abspath .state)
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo test bench models clean
+.PHONY: setup demo test bench report models clean
 
 setup:
 	@scripts/bootstrap.sh
@@ -24,6 +24,9 @@ bench: models
 	$(VENV)/bin/python bench/latency.py
 	$(VENV)/bin/python bench/fallback.py
 	$(VENV)/bin/python bench/sync.py
+
+report: models
+	$(VENV)/bin/python bench/report.py
 
 clean:
 	rm -rf .state .pytest_cache

@@ -41,7 +41,16 @@ def recordings(limit: int | None) -> list[Path]:
     return [SPEECH / name for name in names[:limit]]
 
 
-async def main(limit: int | None) -> None:
+CACHE_HIT_RUNS = 20
+
+
+async def measure(limit: int | None = None) -> dict:
+    """Run every scenario; returns {"results": {scenario: [ms per recording]}, "cache_hits_ms": [...],
+    "recordings": N, "injected_ms": {...}, "hedge_ms": HEDGE_MS}.
+
+    Sets HEIMDALL_* variables in os.environ as it goes (state dir, hedge delays, the fake
+    cloud's URLs and keys): callers that go on afterwards should restore the environment.
+    """
     from heimdall_edge import builders
     from heimdall_edge.audio import read_audio
     from heimdall_edge.devices.speaker import WavFileSpeaker
@@ -125,11 +134,34 @@ async def main(limit: int | None) -> None:
     ]
     cloud.stop()
 
+    # A cache hit: the phrase is rendered once, then spoken from disk.
+    os.environ["HEIMDALL_VOICE_CACHE__MAX_MB"] = "16"
+    cached = fresh_engines(with_cloud=False)
+    phrase = "I'm offline, but I've saved that."
+    await cached.prerender([phrase])
+    hits = []
+    for _ in range(CACHE_HIT_RUNS):
+        started = time.perf_counter()
+        speech = await cached.speak(phrase)
+        assert speech.cached
+        hits.append((time.perf_counter() - started) * 1000)
+    return {
+        "results": results,
+        "cache_hits_ms": hits,
+        "recordings": len(clips),
+        "injected_ms": {k: v * 1000 for k, v in LATENCY_S.items()},
+        "hedge_ms": HEDGE_MS,
+    }
+
+
+async def main(limit: int | None) -> None:
+    measured = await measure(limit)
+    results, hits = measured["results"], measured["cache_hits_ms"]
     baseline = statistics.median(results["local only (baseline)"])
     injected = sum(LATENCY_S.values()) * 1000
     print(f"machine: {machine()}")
     print(
-        f"recordings: {len(clips)} from {SPEECH}; injected cloud latency: "
+        f"recordings: {measured['recordings']} from {SPEECH}; injected cloud latency: "
         + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in LATENCY_S.items())
     )
     print(
@@ -143,20 +175,9 @@ async def main(limit: int | None) -> None:
             f"| {name} | {median:.0f} ({min(values):.0f}-{max(values):.0f}) | {median / baseline:.2f} | {overhead} |"
         )
 
-    # A cache hit: the phrase is rendered once, then spoken from disk.
-    os.environ["HEIMDALL_VOICE_CACHE__MAX_MB"] = "16"
-    cached = fresh_engines(with_cloud=False)
-    phrase = "I'm offline, but I've saved that."
-    await cached.prerender([phrase])
-    hits = []
-    for _ in range(20):
-        started = time.perf_counter()
-        speech = await cached.speak(phrase)
-        assert speech.cached
-        hits.append((time.perf_counter() - started) * 1000)
     print(
         f"\nvoice cache hit, request -> first audio chunk: median {statistics.median(hits):.2f} ms "
-        f"(min {min(hits):.2f}, max {max(hits):.2f}, 20 runs)"
+        f"(min {min(hits):.2f}, max {max(hits):.2f}, {len(hits)} runs)"
     )
 
 

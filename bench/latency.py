@@ -52,7 +52,10 @@ def median_ms(values: list[float]) -> str:
     return f"{statistics.median(values):.0f}"
 
 
-async def turns(runs: int) -> dict[str, dict[str, list[float]]]:
+async def turns(
+    runs: int, recordings: list[str] | None = None
+) -> dict[str, dict[str, list[float]]]:
+    """Stage timings (ms) of `runs` whole turns per recording, after one dropped warm-up turn each."""
     from gpiozero.pins.mock import MockFactory
 
     from heimdall_edge import builders
@@ -67,7 +70,7 @@ async def turns(runs: int) -> dict[str, dict[str, list[float]]]:
     await engines.load()
     spool = builders.open_spool(settings)
     results: dict[str, dict[str, list[float]]] = {}
-    for name in RECORDINGS:
+    for name in recordings or RECORDINGS:
         timings: dict[str, list[float]] = {}
         for _ in range(runs + 1):  # the first run warms caches and is dropped
             pins = MockFactory()

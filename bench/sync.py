@@ -72,23 +72,26 @@ def env_for(server: MotoServer, state: Path) -> dict[str, str]:
     }
 
 
-def timed_sync(env: dict[str, str]) -> tuple[float, float]:
-    """Seconds and peak RSS (MiB) of one `sync --once` process."""
+def timed_sync(env: dict[str, str]) -> tuple[float, float, float]:
+    """Seconds, peak RSS (MiB) and CPU seconds (user + system, sampled every 20 ms) of one `sync --once` process."""
     started = time.perf_counter()
     process = psutil.Popen(
         [sys.executable, "-m", "heimdall_edge.cli", "sync", "--once", "--json"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    peak = 0
+    peak, cpu = 0, 0.0
     while process.poll() is None:
         try:
-            peak = max(peak, process.memory_info().rss)
+            with process.oneshot():
+                peak = max(peak, process.memory_info().rss)
+                times = process.cpu_times()
+                cpu = times.user + times.system
         except psutil.NoSuchProcess:
             break
         time.sleep(0.02)
     if process.returncode != 0:
         raise RuntimeError(f"sync --once exited {process.returncode}")
-    return time.perf_counter() - started, peak / 1024**2
+    return time.perf_counter() - started, peak / 1024**2, cpu
 
 
 def baseline_put(server: MotoServer, spool_dir: Path) -> float:
@@ -148,52 +151,38 @@ async def reconnect_latency(server: MotoServer, state: Path) -> float:
     return elapsed
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--captures", type=int, default=1000)
-    parser.add_argument("--runs", type=int, default=3)
-    args = parser.parse_args()
+def measure(captures: int = 1000, runs: int = 3) -> dict:
+    """Every figure above, measured; returns a dict of raw values (seconds, MiB, counts).
+
+    Keys: captures, bytes, sync_s / peak_rss_mib / cpu_s / baseline_s (one value per run),
+    reconnect_s (per run), resume_s, full_sync_median_s, items_after_resume.
+    Sets AWS test credentials and HEIMDALL_* variables in os.environ: callers that go on
+    afterwards should restore the environment.
+    """
     work = Path(tempfile.mkdtemp(prefix="heimdall-sync-bench-"))
     os.environ.update(aws_test_env())
     with MotoServer() as server:
         template = work / "template"
-        size = make_spool(template / "spool", args.captures)
-        throughput, peaks, baselines = [], [], []
-        for run in range(args.runs):
+        size = make_spool(template / "spool", captures)
+        throughput, peaks, cpus, baselines = [], [], [], []
+        for run in range(runs):
             state = work / f"run-{run}"
             subprocess.run(["cp", "-a", str(template), str(state)], check=True)
             fresh_store(server)
-            seconds, peak = timed_sync(env_for(server, state))
+            seconds, peak, cpu = timed_sync(env_for(server, state))
             throughput.append(seconds)
             peaks.append(peak)
+            cpus.append(cpu)
             baselines.append(baseline_put(server, state / "spool"))
-        sync_s, base_s = statistics.median(throughput), statistics.median(baselines)
-        mb = size / 1e6
-        print(f"machine: {machine()}")
-        print(
-            f"\n## Sync {args.captures} captures ({mb:.0f} MB) to moto on loopback, median of {args.runs}\n"
-        )
-        print("| | seconds | captures/s | MB/s | peak RSS |")
-        print("|---|---:|---:|---:|---:|")
-        print(
-            f"| `sync --once` (S3 + DynamoDB, SSE, checksums, conditional writes) | {sync_s:.1f} | {args.captures / sync_s:.0f} | {mb / sync_s:.1f} | {statistics.median(peaks):.0f} MiB |"
-        )
-        print(
-            f"| baseline: plain boto3 put_object, same files, 2 threads | {base_s:.1f} | {args.captures / base_s:.0f} | {mb / base_s:.1f} | |"
-        )
-        print(f"| ratio | {sync_s / base_s:.2f}x | | | |")
+        sync_s = statistics.median(throughput)
 
         reconnects = []
-        for run in range(args.runs):
+        for run in range(runs):
             state = work / f"reconnect-{run}"
             subprocess.run(["cp", "-a", str(template), str(state)], check=True)
             fresh_store(server)
             os.environ.update(env_for(server, state))
             reconnects.append(asyncio.run(reconnect_latency(server, state)))
-        print(
-            f"\nconnectivity back -> first object uploaded: median {statistics.median(reconnects) * 1000:.0f} ms "
-            f"(min {min(reconnects) * 1000:.0f}, max {max(reconnects) * 1000:.0f}; probe every 100 ms)"
-        )
 
         state = work / "crash"
         subprocess.run(["cp", "-a", str(template), str(state)], check=True)
@@ -206,12 +195,53 @@ def main() -> None:
         time.sleep(sync_s / 2)
         victim.send_signal(signal.SIGKILL)
         victim.wait()
-        resumed, _ = timed_sync(env)
+        resumed, _, _ = timed_sync(env)
         items = server.client("dynamodb").scan(TableName=TABLE, Select="COUNT")["Count"]
-        print(
-            f"\nresume after SIGKILL half-way: rerun took {resumed:.1f} s "
-            f"({resumed / sync_s:.2f}x a full sync); DynamoDB items afterwards: {items} for {args.captures} captures"
-        )
+    subprocess.run(["rm", "-rf", str(work)], check=False)
+    return {
+        "captures": captures,
+        "bytes": size,
+        "sync_s": throughput,
+        "peak_rss_mib": peaks,
+        "cpu_s": cpus,
+        "baseline_s": baselines,
+        "reconnect_s": reconnects,
+        "resume_s": resumed,
+        "full_sync_median_s": sync_s,
+        "items_after_resume": items,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--captures", type=int, default=1000)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    m = measure(args.captures, args.runs)
+    sync_s, base_s = statistics.median(m["sync_s"]), statistics.median(m["baseline_s"])
+    mb = m["bytes"] / 1e6
+    print(f"machine: {machine()}")
+    print(
+        f"\n## Sync {args.captures} captures ({mb:.0f} MB) to moto on loopback, median of {args.runs}\n"
+    )
+    print("| | seconds | captures/s | MB/s | peak RSS |")
+    print("|---|---:|---:|---:|---:|")
+    print(
+        f"| `sync --once` (S3 + DynamoDB, SSE, checksums, conditional writes) | {sync_s:.1f} | {args.captures / sync_s:.0f} | {mb / sync_s:.1f} | {statistics.median(m['peak_rss_mib']):.0f} MiB |"
+    )
+    print(
+        f"| baseline: plain boto3 put_object, same files, 2 threads | {base_s:.1f} | {args.captures / base_s:.0f} | {mb / base_s:.1f} | |"
+    )
+    print(f"| ratio | {sync_s / base_s:.2f}x | | | |")
+    reconnects = m["reconnect_s"]
+    print(
+        f"\nconnectivity back -> first object uploaded: median {statistics.median(reconnects) * 1000:.0f} ms "
+        f"(min {min(reconnects) * 1000:.0f}, max {max(reconnects) * 1000:.0f}; probe every 100 ms)"
+    )
+    print(
+        f"\nresume after SIGKILL half-way: rerun took {m['resume_s']:.1f} s "
+        f"({m['resume_s'] / sync_s:.2f}x a full sync); DynamoDB items afterwards: {m['items_after_resume']} for {args.captures} captures"
+    )
 
 
 if __name__ == "__main__":
