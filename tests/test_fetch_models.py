@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "fetch-models"
-SHARED_MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
 
 
 def load_script():
@@ -67,7 +66,8 @@ def test_whisper_names():
 
 
 def test_whisper_names_match_faster_whisper():
-    utils = pytest.importorskip("faster_whisper.utils")
+    from faster_whisper import utils
+
     for name, repo in fm.WHISPER_REPOS.items():
         assert utils._MODELS.get(name, repo) == repo, name
 
@@ -102,11 +102,9 @@ def test_present_models_are_skipped_without_downloading(tmp_path, capsys):
     assert "already in" in out and "models ready" in out
 
 
-def test_the_shared_models_count_as_present():
-    if not SHARED_MODELS.is_dir():
-        pytest.skip("no ../shared/models beside the repo")
-    assert fm.whisper_present(SHARED_MODELS / "faster-whisper-tiny.en")
-    assert fm.piper_present(SHARED_MODELS / "piper-en_US-joe-medium", "en_US-joe-medium")
+def test_the_shared_models_count_as_present(models_dir: Path):
+    assert fm.whisper_present(models_dir / "faster-whisper-tiny.en")
+    assert fm.piper_present(models_dir / "piper-en_US-joe-medium", "en_US-joe-medium")
 
 
 def test_default_dest(monkeypatch):
@@ -206,7 +204,8 @@ def test_offline_failure_is_clear_and_leaves_nothing_behind(tmp_path, capsys, mo
 
 
 def test_a_missing_model_does_not_stop_the_next(tmp_path, capsys, monkeypatch):
-    errors = pytest.importorskip("huggingface_hub.errors")
+    from huggingface_hub import errors
+
     fetched = []
 
     class Missing(errors.RepositoryNotFoundError):
@@ -244,7 +243,8 @@ def test_a_missing_model_does_not_stop_the_next(tmp_path, capsys, monkeypatch):
 )
 def test_huggingface_hub_errors_are_explained(tmp_path, error_name, message):
     """The exception types the real client raises when offline (constructed, not provoked)."""
-    errors = pytest.importorskip("huggingface_hub.errors")
+    from huggingface_hub import errors
+
     error = getattr(errors, error_name)("Got: ConnectError: [Errno -2] Name or service not known")
 
     def download(**kwargs):
@@ -257,7 +257,8 @@ def test_huggingface_hub_errors_are_explained(tmp_path, error_name, message):
 
 
 def test_not_found_is_explained(tmp_path):
-    errors = pytest.importorskip("huggingface_hub.errors")
+    from huggingface_hub import errors
+
 
     class Missing(errors.RepositoryNotFoundError):
         def __init__(self) -> None:
