@@ -31,6 +31,8 @@ TEMP_PREFIX = ".tmp-"
 
 SQLITE_SUFFIXES = ("", "-wal", "-shm")
 """An SQLite database is these files (name + suffix): move, delete or chmod them together."""
+WAL_SIZE_LIMIT = 512 * 1024
+"""About the most an index's write-ahead log holds: checkpointed then, and cut back to it."""
 
 
 class IndexDamaged(Exception):
@@ -217,6 +219,10 @@ def open_sqlite(
         if mode != "wal":
             raise sqlite3.OperationalError(f"journal mode is {mode}, WAL is needed")
         db.execute(f"PRAGMA synchronous={synchronous}")
+        # By default the WAL grows to 1000 pages (about 4 MB) and stays that size: for an
+        # index of a few hundred KB, on an SD card and under the spool's quota, too much.
+        db.execute(f"PRAGMA wal_autocheckpoint={WAL_SIZE_LIMIT // 4096}")
+        db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
         if user_version is not None:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version not in (0, user_version):

@@ -616,11 +616,21 @@ class Syncer:
                     "synced or not" if self.settings.evict_unsynced else "synced only",
                 )  # fmt: skip
                 return False, 0
+
+            def fits() -> bool:
+                # The running total is an estimate: deleting rows grows the index's WAL, so
+                # before stopping, measure again and go on evicting if it still does not fit.
+                nonlocal usage
+                if usage + needed_bytes > quota:
+                    return False
+                usage = self.spool.disk_usage()
+                return usage + needed_bytes <= quota
+
             for tier, wanted in tiers:
-                if usage + needed_bytes <= quota:
+                if fits():
                     break
                 for record in reversed(records):
-                    if usage + needed_bytes <= quota:
+                    if fits():
                         break
                     if not wanted(record) or self._is_in_flight(record.capture_id):
                         continue
@@ -646,9 +656,9 @@ class Syncer:
                             record.capture_id, freed, iso_utc(record.created_at),
                             self.settings.quota_mb,
                         )  # fmt: skip
-            usage = self.spool.disk_usage()  # measured again: the index and rounding count too
-            fits = usage + needed_bytes <= quota
-            if not fits:
+            usage = self.spool.disk_usage()
+            room = usage + needed_bytes <= quota
+            if not room:
                 log.warning(
                     "spool over quota: %d bytes used + %d needed > %g MB, and nothing %s can be "
                     "evicted",
@@ -657,7 +667,7 @@ class Syncer:
                     self.settings.quota_mb,
                     "more" if self.settings.evict_unsynced else "synced (evict_unsynced is off)",
                 )
-            return fits, evicted
+            return room, evicted
 
     # -- the service -----------------------------------------------------------------------------
 

@@ -127,9 +127,9 @@ class Batch:
     """Capture ids in order of their "capture <id>: ..." log lines (answered turns)."""
     synced_by_service: set[str] = field(default_factory=set)
     resumed_syncs: int = 0
+    """Syncs that found some of their writes already done (an earlier attempt was cut off)."""
     repairs: list[str] = field(default_factory=list)
     """The spool's "repaired: ..." lines at start-up (what an earlier kill left behind)."""
-    """Syncs that found some of their writes already done (an earlier attempt was cut off)."""
     alarms: list[str] = field(default_factory=list)
     errors: collections.Counter[str] = field(default_factory=collections.Counter)
     stderr_tail: list[str] = field(default_factory=list)

@@ -259,7 +259,6 @@ def test_huggingface_hub_errors_are_explained(tmp_path, error_name, message):
 def test_not_found_is_explained(tmp_path):
     from huggingface_hub import errors
 
-
     class Missing(errors.RepositoryNotFoundError):
         def __init__(self) -> None:
             Exception.__init__(self, "404 Client Error: Repository Not Found")

@@ -60,9 +60,9 @@ def test_the_soak_ran_every_path(result: soak.SoakResult) -> None:
     assert result.window_turns == soak.CYCLE_TURNS
     assert set(result.phases) == {name for name, _ in soak.PHASES}
     assert result.no_speech == 0
-    # Whatever the cloud did, every stage was answered locally in the same turn. (A capture
-    # refused as "storage full" at the quota's edge is the spool's business, not counted.)
-    assert not {"transcribe", "reply", "speak"} & set(result.errors), result.errors
+    # Whatever the cloud did, every stage was answered locally in the same turn, and every
+    # capture was kept: the quota always made room by evicting the oldest.
+    assert not result.errors, result.errors
     # Both the cloud and the local engine answered each stage, many times over.
     assert result.engines["stt"]["openai"] >= 5 and result.engines["stt"]["faster-whisper"] >= 20
     assert result.engines["reply"]["openai"] >= 5 and result.engines["reply"]["offline"] >= 20

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from heimdall_edge import durable
 from heimdall_edge import spool as spool_module
 from heimdall_edge.spool import (
     CaptureNotFoundError,
@@ -346,6 +347,19 @@ def test_the_index_uses_wal_and_full_sync(spool: Spool, root: Path) -> None:
     with index(root) as other:
         assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert spool._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+
+
+def test_the_index_write_ahead_log_stays_small(spool: Spool, root: Path) -> None:
+    # SQLite's default lets the WAL grow to about 4 MB and keeps it: under a 10 MB quota
+    # that crowded out captures. Hundreds of commits later it is still about the limit.
+    record = make(spool)
+    wal = root / "index.sqlite3-wal"
+    largest = 0
+    for n in range(400):
+        spool.update(record.capture_id, transcript=f"take {n} " + "x" * 2000)
+        largest = max(largest, wal.stat().st_size)
+    assert largest > durable.WAL_SIZE_LIMIT // 2  # it did fill up and checkpoint
+    assert largest <= durable.WAL_SIZE_LIMIT + 64 * 1024
 
 
 # -- CaptureRecord ------------------------------------------------------------------

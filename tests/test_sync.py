@@ -583,6 +583,20 @@ def test_make_room_evicts_unsynced_captures_only_when_configured(
     assert ids(spool) == {p2.capture_id, p3.capture_id}
 
 
+def test_make_room_counts_what_evicting_adds_to_the_index(spool: Spool) -> None:
+    # Found by the soak: deleting a capture's row grows the SQLite WAL, so a room that
+    # fits to the byte by the files' count alone did not fit on disk, and the capture
+    # was refused although more could have been evicted.
+    (s1, _s2), pending = quota_spool(spool)
+    sync = syncer(spool, None, quota_mb=10)
+    folder = spool.root / "captures" / s1.capture_id
+    s1_bytes = sum(f.stat().st_size for f in folder.iterdir())
+    needed = 10 * MiB - (spool.disk_usage() - s1_bytes)  # evicting s1 frees exactly this
+    assert sync.make_room(needed) is True
+    assert spool.disk_usage() + needed <= 10 * MiB
+    assert ids(spool) == {p.capture_id for p in pending}  # s2 went too, to make up the index
+
+
 def test_make_room_is_safe_from_many_threads(spool: Spool) -> None:
     quota_spool(spool)
     sync = syncer(spool, None, quota_mb=10, evict_unsynced=True)
