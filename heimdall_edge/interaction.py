@@ -25,7 +25,7 @@ from heimdall_edge.engines.offline_reply import OFFLINE_ACK
 from heimdall_edge.listening import Utterance
 from heimdall_edge.routing import Engines
 from heimdall_edge.spool import Spool, SpoolError, SpoolFullError
-from heimdall_edge.streams import prefetch
+from heimdall_edge.streams import closing, prefetch
 
 log = logging.getLogger(__name__)
 
@@ -197,12 +197,14 @@ class Interaction:
         spoken: list[str] = []
 
         async def audio() -> AsyncIterator[Audio]:
-            async for sentence in sentences:
-                spoken.append(sentence)
-                speech = await self._engines.speak(sentence)
-                result.engines.setdefault("tts", speech.engine)
-                async for chunk in speech.items():
-                    yield chunk
+            async with closing(sentences) as coming:
+                async for sentence in coming:
+                    spoken.append(sentence)
+                    speech = await self._engines.speak(sentence)
+                    result.engines.setdefault("tts", speech.engine)
+                    async with closing(speech.items()) as chunks:
+                        async for chunk in chunks:
+                            yield chunk
 
         self._indicator.show(IndicatorState.SPEAKING)
         with watch.stage("speak"):
@@ -259,9 +261,10 @@ class Interaction:
 
 
 async def _tee(chunks: AsyncIterator[Audio], sink: list[Audio]) -> AsyncIterator[Audio]:
-    async for chunk in chunks:
-        sink.append(chunk)
-        yield chunk
+    async with closing(chunks) as arriving:
+        async for chunk in arriving:
+            sink.append(chunk)
+            yield chunk
 
 
 async def _one(item: T) -> AsyncIterator[T]:

@@ -32,6 +32,7 @@ from heimdall_edge.engines.cloud_reply import CloudReplyEngine
 from heimdall_edge.engines.elevenlabs import ElevenLabsEngine
 from heimdall_edge.engines.openai_whisper import OpenAIWhisperEngine
 from heimdall_edge.resilience import CallPolicy, CloudError, classify
+from heimdall_edge.streams import closing
 from heimdall_edge.voice_cache import VoiceCache, VoiceCacheError, cache_key
 
 log = logging.getLogger(__name__)
@@ -47,17 +48,25 @@ class Answer(Generic[T]):
     first: T
     rest: AsyncIterator[T] | None = None
     cached: bool = False
+    source: AsyncIterator[T] | None = None
+    """The engine's own stream under whatever `rest` wraps it in: closed with the answer even
+    if the wrappers never started (a generator that never ran cannot close what it wraps)."""
 
     async def items(self) -> AsyncIterator[T]:
-        yield self.first
-        if self.rest is not None:
-            async for item in self.rest:
-                yield item
+        """Every item, the first included; the rest of the stream is closed however this ends."""
+        try:
+            yield self.first
+            if self.rest is not None:
+                async for item in self.rest:
+                    yield item
+        finally:
+            await self.aclose()
 
     async def aclose(self) -> None:
-        closer = getattr(self.rest, "aclose", None)
-        if closer is not None:
-            await closer()
+        for stream in (self.rest, self.source):
+            closer = getattr(stream, "aclose", None)
+            if closer is not None:
+                await closer()
 
 
 async def first_of(engine: str, stream: AsyncIterator[T]) -> Answer[T]:
@@ -67,7 +76,7 @@ async def first_of(engine: str, stream: AsyncIterator[T]) -> Answer[T]:
         first = await anext(iterator)
     except StopAsyncIteration:
         raise ValueError(f"{engine} returned nothing") from None
-    return Answer(engine, first, iterator)
+    return Answer(engine, first, iterator, source=iterator)
 
 
 Start = Callable[[], Awaitable[Answer[T]]]
@@ -301,9 +310,10 @@ class Engines:
         """Pass the rest of the audio through, and cache the whole clip once it is complete."""
         chunks = [first]
         if rest is not None:
-            async for chunk in rest:
-                chunks.append(chunk)
-                yield chunk
+            async with closing(rest) as arriving:
+                async for chunk in arriving:
+                    chunks.append(chunk)
+                    yield chunk
         if self.cache is not None:
             await self._put(key, _joined(chunks))
 
@@ -325,8 +335,9 @@ async def _survive(
     if rest is None:
         return
     try:
-        async for item in rest:
-            yield item
+        async with closing(rest) as arriving:
+            async for item in arriving:
+                yield item
     except Exception as exc:  # noqa: BLE001 - classified, counted and logged; the turn goes on
         error = classify(exc, policy.service, mid_stream=True)
         policy.record_failure(error)

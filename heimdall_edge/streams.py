@@ -4,11 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from typing import TypeVar
 
 T = TypeVar("T")
 _END = object()
+
+
+@contextlib.asynccontextmanager
+async def closing(source: AsyncIterable[T]) -> AsyncIterator[AsyncIterator[T]]:
+    """Iterate `source` and close it on the way out, however the loop ends.
+
+    A stream left half-read (an early stop, an error raised by the reader or by the
+    stream itself) is otherwise finalized by the garbage collector, later and on
+    whatever thread it runs, with its HTTP response still open until then.
+    """
+    iterator = aiter(source)
+    try:
+        yield iterator
+    finally:
+        aclose = getattr(iterator, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 async def prefetch(source: AsyncIterator[T], depth: int = 8) -> AsyncIterator[T]:
@@ -18,9 +35,11 @@ async def prefetch(source: AsyncIterator[T], depth: int = 8) -> AsyncIterator[T]
     """
     queue: asyncio.Queue[object] = asyncio.Queue(depth)
 
+    iterator = aiter(source)
+
     async def pump() -> None:
         try:
-            async for item in source:
+            async for item in iterator:
                 await queue.put(item)
         except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it
             await queue.put(exc)
@@ -37,6 +56,6 @@ async def prefetch(source: AsyncIterator[T], depth: int = 8) -> AsyncIterator[T]
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        aclose = getattr(source, "aclose", None)
+        aclose = getattr(iterator, "aclose", None)
         if aclose is not None:
             await aclose()

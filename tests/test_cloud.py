@@ -8,13 +8,18 @@ open. Requests are counted at the server, so hidden SDK retries would show.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import logging
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+import heimdall_edge
 from heimdall_edge import builders
 from heimdall_edge.audio import read_audio
 from heimdall_edge.engines.base import ReplyRequest
@@ -23,6 +28,7 @@ from heimdall_edge.resilience import BreakerState
 from heimdall_edge.routing import Engines
 from heimdall_edge.settings import load_settings
 
+PACKAGE = Path(heimdall_edge.__file__).parent
 CLOUD_TEXT = "turn on the porch light"  # what the fake "hears": never what the local model hears
 
 
@@ -193,6 +199,71 @@ async def test_tts_faults_fall_back_to_piper(engines: Engines, cloud: FakeCloud)
         speech = await asyncio.wait_for(engines.speak(f"Fault {fault.status or 'garbage'}."), 30)
         assert speech.engine == "piper"
         assert {chunk.sample_rate async for chunk in speech.items()} == {22050}
+
+
+@contextlib.contextmanager
+def streams_left_to_the_gc() -> Iterator[list[str]]:
+    """Names of async generators that nobody closed, so that the garbage collector had to.
+
+    Such a stream is finalized on whatever thread the collector happens to run, in the
+    middle of other work: once in a long chaos run that printed a stray traceback.
+    """
+    left: list[str] = []
+    firstiter, finalizer = sys.get_asyncgen_hooks()
+
+    def record(agen: Any) -> None:
+        # Ours, and the SDK streams we iterate (closing them closes their HTTP response).
+        # What the SDKs leave of their own inner generators is theirs to close.
+        if Path(agen.ag_code.co_filename).is_relative_to(PACKAGE) or agen.__qualname__ in (
+            "AsyncStream.__aiter__",  # openai
+            "AsyncTextToSpeechClient.stream",  # elevenlabs
+        ):
+            left.append(agen.__qualname__)
+        if finalizer is not None:
+            finalizer(agen)
+
+    sys.set_asyncgen_hooks(firstiter, record)
+    try:
+        yield left
+        gc.collect()
+    finally:
+        sys.set_asyncgen_hooks(firstiter, finalizer)
+
+
+@pytest.mark.parametrize(
+    ("chat", "tts", "read"),
+    [
+        (None, None, "all"),
+        (None, None, "first"),  # the person pressed the button: playback stopped early
+        (Fault(malformed=True), Fault(malformed=True), "all"),
+        (Fault(truncate=True), Fault(truncate=True), "all"),
+        (Fault(latency_s=1.0), Fault(latency_s=1.0), "all"),  # hedged: the cloud loses
+    ],
+    ids=["healthy", "stopped-early", "malformed", "truncated", "hedge-lost"],
+)
+async def test_every_stream_is_closed_not_left_to_the_garbage_collector(
+    engines: Engines, cloud: FakeCloud, chat: Fault | None, tts: Fault | None, read: str
+) -> None:
+    cloud.reply = "The porch light is on. It has been on since dusk. Anything else?"
+    for route, fault in (("chat", chat), ("tts", tts)):
+        if fault is not None:
+            cloud.fault(route, fault)
+    engines._hedge.update(reply=0.2, tts=0.2)
+    with streams_left_to_the_gc() as left:
+        for n in range(3):
+            answer = await asyncio.wait_for(engines.reply(ReplyRequest("hi", f"c{n}")), 30)
+            sentences = answer.items()
+            async for sentence in sentences:
+                speech = await asyncio.wait_for(engines.speak(f"{sentence} ({n})"), 30)
+                chunks = speech.items()
+                async for _chunk in chunks:
+                    if read == "first":
+                        break
+                await chunks.aclose()
+                if read == "first":
+                    break
+            await sentences.aclose()
+    assert left == [], sorted(set(left))
 
 
 async def test_voice_cache_hit_needs_no_network(engines: Engines, cloud: FakeCloud) -> None:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from heimdall_edge.engines.base import ReplyRequest
 from heimdall_edge.sentences import sentences
+from heimdall_edge.streams import closing
 
 if TYPE_CHECKING:
     from openai import AsyncOpenAI
@@ -49,17 +50,19 @@ class CloudReplyEngine:
             stream=True,
             timeout=timeout_s,
         )
-        async for sentence in sentences(_deltas(stream)):
-            yield sentence
+        async with stream, closing(sentences(_deltas(stream))) as answer:
+            async for sentence in answer:
+                yield sentence
 
 
 async def _deltas(stream: Any) -> AsyncIterator[str]:
     finished = False
-    async for chunk in stream:
-        for choice in chunk.choices:
-            if choice.delta is not None and choice.delta.content:
-                yield choice.delta.content
-            finished = finished or choice.finish_reason is not None
+    async with closing(stream) as chunks:
+        async for chunk in chunks:
+            for choice in chunk.choices:
+                if choice.delta is not None and choice.delta.content:
+                    yield choice.delta.content
+                finished = finished or choice.finish_reason is not None
     if not finished:
         # The connection ended without a finish_reason: the answer is cut short.
         raise ValueError("chat stream ended before the answer was finished")

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from heimdall_edge.audio import SAMPLE_WIDTH, Audio
+from heimdall_edge.streams import closing
 
 if TYPE_CHECKING:
     from elevenlabs.client import AsyncElevenLabs
@@ -31,22 +32,24 @@ class ElevenLabsEngine:
         piece = self.sample_rate * CHUNK_MS // 1000 * SAMPLE_WIDTH
         buffer = b""
         checked = False
-        async for data in self._client.text_to_speech.stream(
+        stream = self._client.text_to_speech.stream(
             self.voice,
             text=text,
             model_id=self.model,
             output_format=self.output_format,  # type: ignore[arg-type]
             request_options={"max_retries": 0, "timeout_in_seconds": math.ceil(timeout_s)},
-        ):
-            buffer += data
-            if not checked and buffer:
-                # The SDK passes any 200 body through; an HTML or JSON page is not PCM.
-                if buffer.lstrip()[:1] in (b"<", b"{"):
-                    raise ValueError("text-to-speech stream is not PCM audio")
-                checked = True
-            while len(buffer) >= piece:
-                yield Audio(buffer[:piece], self.sample_rate)
-                buffer = buffer[piece:]
+        )
+        async with closing(stream) as arriving:
+            async for data in arriving:
+                buffer += data
+                if not checked and buffer:
+                    # The SDK passes any 200 body through; an HTML or JSON page is not PCM.
+                    if buffer.lstrip()[:1] in (b"<", b"{"):
+                        raise ValueError("text-to-speech stream is not PCM audio")
+                    checked = True
+                while len(buffer) >= piece:
+                    yield Audio(buffer[:piece], self.sample_rate)
+                    buffer = buffer[piece:]
         usable = len(buffer) - len(buffer) % SAMPLE_WIDTH
         if usable:
             yield Audio(buffer[:usable], self.sample_rate)
