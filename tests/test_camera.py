@@ -8,6 +8,7 @@ import itertools
 import logging
 import sys
 import time
+from typing import ClassVar
 
 import pytest
 from PIL import Image
@@ -56,6 +57,73 @@ async def test_pi_camera_off_the_pi_is_unavailable_and_warns_once(monkeypatch, c
     ):
         assert hint in warnings[0]
     await camera.aclose()
+
+
+class StandInPicamera2:
+    """picamera2's Picamera2 as PiCamera uses it (it imports only on Raspberry Pi OS).
+
+    `capture_file` raises while `vanished` is set, as libcamera does when the
+    ribbon cable is pulled or the camera times out.
+    """
+
+    vanished = False
+    made: ClassVar[list[StandInPicamera2]] = []
+
+    def __init__(self, camera_num: int = 0) -> None:
+        self.camera_num = camera_num
+        self.options: dict[str, int] = {}
+        self.size = (0, 0)
+        self.started = self.closed = False
+        StandInPicamera2.made.append(self)
+
+    @staticmethod
+    def global_camera_info() -> list[dict[str, object]]:
+        return [{"Model": "imx708", "Num": 0}]
+
+    def create_video_configuration(self, main: dict[str, object]) -> dict[str, object]:
+        return {"main": main}
+
+    def configure(self, config: dict[str, dict[str, object]]) -> None:
+        self.size = config["main"]["size"]  # type: ignore[assignment]
+
+    def start(self) -> None:
+        self.started = True
+
+    def capture_file(self, target: io.BytesIO, format: str) -> None:
+        if StandInPicamera2.vanished:
+            raise RuntimeError("Camera frontend has timed out!")
+        Image.new("RGB", self.size).save(target, format=format, quality=self.options["quality"])
+
+    def stop(self) -> None:
+        self.started = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+async def test_pi_camera_that_vanishes_mid_run_skips_frames_then_recovers(monkeypatch, caplog):
+    module = type(sys)("picamera2")
+    module.Picamera2 = StandInPicamera2  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "picamera2", module)
+    monkeypatch.setattr(StandInPicamera2, "made", [])
+    caplog.set_level(logging.INFO, logger="heimdall_edge.devices.camera")
+    camera = PiCamera(CameraSettings(width=320, height=240, jpeg_quality=60))
+
+    first = await asyncio.wait_for(camera.capture_jpeg(), timeout=5)
+    assert first is not None and Image.open(io.BytesIO(first)).size == (320, 240)
+    monkeypatch.setattr(StandInPicamera2, "vanished", True)
+    for _ in range(3):  # no exception reaches the turn: the capture goes on with audio only
+        assert await asyncio.wait_for(camera.capture_jpeg(), timeout=5) is None
+    monkeypatch.setattr(StandInPicamera2, "vanished", False)
+    assert await asyncio.wait_for(camera.capture_jpeg(), timeout=5) is not None
+
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1  # one per run of failures, not one per frame
+    assert "Camera frontend has timed out" in warnings[0] and "ribbon cable" in warnings[0]
+    assert any("work again" in r.getMessage() for r in caplog.records)
+    (picam,) = StandInPicamera2.made
+    await camera.aclose()
+    assert picam.closed and not picam.started
 
 
 async def test_disabled_pi_camera_does_not_warn(caplog):
