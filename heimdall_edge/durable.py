@@ -221,7 +221,7 @@ def open_sqlite(
         db.execute(f"PRAGMA synchronous={synchronous}")
         # By default the WAL grows to 1000 pages (about 4 MB) and stays that size: for an
         # index of a few hundred KB, on an SD card and under the spool's quota, too much.
-        db.execute(f"PRAGMA wal_autocheckpoint={WAL_SIZE_LIMIT // 4096}")
+        db.execute(f"PRAGMA wal_autocheckpoint={WAL_SIZE_LIMIT // 4096}")  # 4 KiB pages
         db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
         if user_version is not None:
             version = db.execute("PRAGMA user_version").fetchone()[0]

@@ -32,7 +32,7 @@ from heimdall_edge.engines.cloud_reply import CloudReplyEngine
 from heimdall_edge.engines.elevenlabs import ElevenLabsEngine
 from heimdall_edge.engines.openai_whisper import OpenAIWhisperEngine
 from heimdall_edge.resilience import CallPolicy, CloudError, classify
-from heimdall_edge.streams import closing
+from heimdall_edge.streams import aclose, closing
 from heimdall_edge.voice_cache import VoiceCache, VoiceCacheError, cache_key
 
 log = logging.getLogger(__name__)
@@ -64,9 +64,7 @@ class Answer(Generic[T]):
 
     async def aclose(self) -> None:
         for stream in (self.rest, self.source):
-            closer = getattr(stream, "aclose", None)
-            if closer is not None:
-                await closer()
+            await aclose(stream)
 
 
 async def first_of(engine: str, stream: AsyncIterator[T]) -> Answer[T]:

@@ -11,6 +11,13 @@ T = TypeVar("T")
 _END = object()
 
 
+async def aclose(stream: object) -> None:
+    """Close an async iterator if it can be closed (async generators can; plain iterators not)."""
+    closer = getattr(stream, "aclose", None)
+    if closer is not None:
+        await closer()
+
+
 @contextlib.asynccontextmanager
 async def closing(source: AsyncIterable[T]) -> AsyncIterator[AsyncIterator[T]]:
     """Iterate `source` and close it on the way out, however the loop ends.
@@ -23,9 +30,7 @@ async def closing(source: AsyncIterable[T]) -> AsyncIterator[AsyncIterator[T]]:
     try:
         yield iterator
     finally:
-        aclose = getattr(iterator, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        await aclose(iterator)
 
 
 async def prefetch(source: AsyncIterator[T], depth: int = 8) -> AsyncIterator[T]:
@@ -56,6 +61,4 @@ async def prefetch(source: AsyncIterator[T], depth: int = 8) -> AsyncIterator[T]
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        aclose = getattr(iterator, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        await aclose(iterator)

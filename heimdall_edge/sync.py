@@ -656,8 +656,7 @@ class Syncer:
                             record.capture_id, freed, iso_utc(record.created_at),
                             self.settings.quota_mb,
                         )  # fmt: skip
-            usage = self.spool.disk_usage()
-            room = usage + needed_bytes <= quota
+            room = fits()
             if not room:
                 log.warning(
                     "spool over quota: %d bytes used + %d needed > %g MB, and nothing %s can be "

@@ -25,6 +25,7 @@ from heimdall_edge.devices.portaudio import (
     quiet_portaudio,
 )
 from heimdall_edge.settings import SpeakerSettings
+from heimdall_edge.streams import aclose
 
 BLOCK_MS = 50
 """Size of each write, and so the longest a barge-in waits."""
@@ -88,12 +89,8 @@ async def play_in_blocks(
     except StopAsyncIteration:
         pass
     finally:
-        closer = getattr(iterator, "aclose", None)
-        if closer is not None:
-            with contextlib.suppress(
-                RuntimeError
-            ):  # already running/closed after a cancelled anext
-                await closer()
+        with contextlib.suppress(RuntimeError):  # already running/closed after a cancelled anext
+            await aclose(iterator)
     return playback
 
 
