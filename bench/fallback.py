@@ -56,7 +56,7 @@ async def measure(limit: int | None = None) -> dict:
     from heimdall_edge.devices.speaker import WavFileSpeaker
     from heimdall_edge.fakecloud import FakeCloud, Fault
     from heimdall_edge.interaction import Interaction
-    from heimdall_edge.listening import EndReason, Utterance
+    from heimdall_edge.listen.endpointer import EndReason, Utterance
     from heimdall_edge.routing import Engines
     from heimdall_edge.settings import load_settings
     from heimdall_edge.spool import Spool

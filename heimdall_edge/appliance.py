@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from heimdall_edge.conversation import Conversation
 from heimdall_edge.devices.base import (
     Button,
     ButtonEvent,
@@ -29,7 +30,8 @@ from heimdall_edge.devices.base import (
 from heimdall_edge.devices.camera import frames_while
 from heimdall_edge.durable import replace_file
 from heimdall_edge.interaction import FIXED_PHRASES, Interaction, TurnResult
-from heimdall_edge.listening import Listener
+from heimdall_edge.listen.listener import build_listener
+from heimdall_edge.listen.playback import ListeningSpeaker
 from heimdall_edge.routing import Engines
 from heimdall_edge.sdnotify import HealthWatchdog, Notifier
 from heimdall_edge.settings import Settings
@@ -116,13 +118,19 @@ class Appliance:
         self.notifier = notifier or Notifier()
         self.watchdog = HealthWatchdog.from_env(self.notifier, clock=clock)
         self._microphone = _PulsingMicrophone(devices.microphone, self.watchdog.beat, self.notifier)
-        self.listener = Listener(self._microphone, devices.button, settings.listening)
+        self.listener = build_listener(
+            self._microphone, devices.button, settings.listening, devices.speaker, clock=clock
+        )
+        self.conversation = Conversation(
+            settings.cloud.history_turns, settings.cloud.history_minutes * 60, clock
+        )
+        self._follow_up = False
         assert settings.device_id is not None
         self.interaction = Interaction(
             device_id=settings.device_id,
             spool=spool,
             engines=engines,
-            speaker=devices.speaker,
+            speaker=ListeningSpeaker(devices.speaker, self.listener),
             indicator=devices.indicator,
             make_room=syncer.make_room if syncer else None,
             on_kept=syncer.notify if syncer else None,
@@ -203,7 +211,11 @@ class Appliance:
             self.devices.indicator.show(IndicatorState.ERROR)
 
     async def one_turn(self) -> TurnResult | None:
-        """Wait for a trigger, capture, and run the interaction on it."""
+        """Wait for a trigger, capture, and run the interaction on it.
+
+        After a reply that asked something, the trigger may be speech alone for
+        `listening.follow_up_s` (the follow-up window); None when it closes unused.
+        """
         camera_done = asyncio.Event()
         camera_task: asyncio.Task[list[bytes]] | None = None
 
@@ -220,14 +232,24 @@ class Appliance:
                 )
             )
 
+        follow_up_s = self.settings.listening.follow_up_s if self._follow_up else 0.0
+        self._follow_up = False
+        if follow_up_s:
+            self.devices.indicator.show(IndicatorState.FOLLOW_UP)
+            self.notifier.status("listening for a follow-up")
         try:
-            utterance = await self.listener.next_utterance(on_start=capture_started)
+            utterance = await self.listener.next_utterance(
+                on_start=capture_started, follow_up_s=follow_up_s
+            )
         finally:
             camera_done.set()
         frames = await camera_task if camera_task is not None else []
         self.watchdog.beat()
-        if not utterance.has_speech:
-            log.info("capture ended (%s) without speech: nothing kept", utterance.reason.value)
+        if utterance is None or not utterance.has_speech:
+            if utterance is None:
+                log.info("follow-up window closed: nobody spoke")
+            else:
+                log.info("capture ended (%s) without speech: nothing kept", utterance.reason.value)
             self.devices.indicator.show(IndicatorState.IDLE)
             self.notifier.status(self._idle_status())
             return None
@@ -238,14 +260,17 @@ class Appliance:
             asyncio.create_task(self._vouch_for_turn()),
         ]
         try:
-            result = await self.interaction.run(utterance, frames, self._playback_stop)
+            result = await self.interaction.run(
+                utterance, frames, self._playback_stop, self.conversation.history()
+            )
         finally:
             for helper in helpers:
                 helper.cancel()
-            self._microphone.flush()  # our own voice is not the next utterance
             if self.devices.button is not None:
                 self.devices.button.clear()
         self.watchdog.beat()
+        self.conversation.add(result.transcript, result.reply)
+        self._follow_up = self._asks_for_more(result)
         log.info(
             "capture %s: %r -> %r (%s)",
             result.capture_id,
@@ -257,9 +282,18 @@ class Appliance:
         await asyncio.to_thread(self._write_status)
         return result
 
+    def _asks_for_more(self, result: TurnResult) -> bool:
+        """Open the follow-up window after this reply? (Never after a barge-in: a capture follows anyway.)"""
+        listening = self.settings.listening
+        if not listening.follow_up_s or not result.reply or self.listener.barged_in:
+            return False
+        return listening.follow_up_always or result.reply.rstrip().endswith("?")
+
     def _idle_status(self) -> str:
-        """The STATUS= line while waiting: mode, and the cloud as the breakers see it."""
-        text = f"listening ({self.settings.listening.mode})"
+        """The STATUS= line while waiting: mode, wake word, and the cloud as the breakers see it."""
+        wake = self.listener.wake_word
+        text = f"listening ({self.listener.mode}"
+        text += f", wake word {wake.model.phrase!r})" if wake is not None else ")"
         policies = {p.service: p.breaker.state.value for p in self.engines.policies}
         if policies:
             network = "online" if self.engines.online else "offline"

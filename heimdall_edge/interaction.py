@@ -20,9 +20,9 @@ import numpy as np
 from heimdall_edge.audio import Audio, resample, wav_bytes
 from heimdall_edge.devices.base import Indicator, IndicatorState, Playback, Speaker
 from heimdall_edge.earcon import ERROR_EARCON
-from heimdall_edge.engines.base import ReplyRequest
+from heimdall_edge.engines.base import Exchange, ReplyRequest
 from heimdall_edge.engines.offline_reply import OFFLINE_ACK
-from heimdall_edge.listening import Utterance
+from heimdall_edge.listen.endpointer import Utterance
 from heimdall_edge.routing import Engines
 from heimdall_edge.spool import Spool, SpoolError, SpoolFullError
 from heimdall_edge.streams import closing, prefetch
@@ -105,8 +105,13 @@ class Interaction:
         self._clock = clock
 
     async def run(
-        self, utterance: Utterance, frames: list[bytes], stop: asyncio.Event
+        self,
+        utterance: Utterance,
+        frames: list[bytes],
+        stop: asyncio.Event,
+        history: tuple[Exchange, ...] = (),
     ) -> TurnResult:
+        """One turn; `history` is the conversation so far, for the reply."""
         watch = Stopwatch(self._clock)
         watch.timings_ms["listen"] = utterance.audio.seconds * 1000
         self._indicator.show(IndicatorState.THINKING)
@@ -126,7 +131,7 @@ class Interaction:
                 return TurnResult(None, error=str(exc), timings_ms=watch.timings_ms)
         result = TurnResult(record.capture_id, timings_ms=watch.timings_ms)
         try:
-            await self._understand_and_answer(result, utterance, frames, stop, watch)
+            await self._understand_and_answer(result, utterance, frames, stop, watch, history)
         finally:
             with watch.stage("record"):
                 await self._record(result)
@@ -150,6 +155,7 @@ class Interaction:
         frames: list[bytes],
         stop: asyncio.Event,
         watch: Stopwatch,
+        history: tuple[Exchange, ...],
     ) -> None:
         engines = self._engines
         with watch.stage("transcribe"):
@@ -169,6 +175,7 @@ class Interaction:
                 capture_id=result.capture_id or "",
                 image_jpeg=frames[-1] if frames else None,
                 status={"pending_captures": str(pending), "online": str(engines.online).lower()},
+                history=history,
             )
             try:
                 answer = await engines.reply(request)
@@ -213,7 +220,7 @@ class Interaction:
             except Exception as exc:
                 log.exception("text-to-speech failed for capture %s", result.capture_id)
                 result.error = result.error or f"speak: {exc}"
-                playback = await self._speaker.play(_one(ERROR_EARCON), stop)
+                playback = await self._speaker.play(_one(ERROR_EARCON.audio), stop)
         result.interrupted = playback.interrupted
         if playback.first_audio_at is not None:
             watch.timings_ms["end_to_first_audio"] = (
@@ -236,7 +243,7 @@ class Interaction:
             return await self._speaker.play(speech.items(), stop)
         except Exception:
             log.exception("could not speak %r", text)
-            return await self._speaker.play(_one(ERROR_EARCON), stop)
+            return await self._speaker.play(_one(ERROR_EARCON.audio), stop)
 
     async def _record(self, result: TurnResult) -> None:
         if result.capture_id is None:

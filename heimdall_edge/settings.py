@@ -10,12 +10,21 @@ Environment overrides use `HEIMDALL_<SECTION>__<KEY>` (for example
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 DEFAULT_CONFIG = Path("/etc/heimdall-edge/config.toml")
@@ -78,13 +87,33 @@ class CameraSettings(Section):
     """JPEG quality: 85 keeps a 720p frame near 100 KB."""
 
 
+BUILTIN_WAKE_WORDS = ("hey_jarvis", "okay_nabu", "alexa", "hey_mycroft")
+"""The microWakeWord models pymicro-wakeword ships in its wheel (a test keeps this in step)."""
+
+
 class ListeningSettings(Section):
     mode: Literal["button", "voice", "both"] = "both"
-    """What starts a capture: the button, the start of speech, or either."""
+    """What starts a capture: the button, the voice (the wake word, or speech onset without one), or either."""
+    wake_word: str = "okay_nabu"
+    """Wake word: a built-in model (hey_jarvis, okay_nabu, alexa, hey_mycroft), a path to a microWakeWord model's .json, or "" to wake on any speech."""
+    wake_cutoff: Annotated[float, Field(gt=0, lt=1)] | None = None
+    """Wake word probability needed to wake (0-1, higher wakes less often). Unset: the model's own cutoff."""
+    wake_refractory_ms: Annotated[int, Field(ge=0, le=10_000)] = 2000
+    """After a detection, further detections are ignored this long (one phrase wakes once)."""
+    wake_sound: bool = True
+    """Play a short earcon on waking and when a follow-up window opens (the capture never hears it)."""
+    vad: Literal["silero", "webrtc"] = "silero"
+    """Speech judge for end-pointing and speech onset: Silero (holds in noise; woken by webrtcvad) or webrtcvad alone."""
+    vad_threshold: Annotated[float, Field(gt=0, lt=1)] = 0.5
+    """Silero speech probability that counts as speech (it stays speech down to 0.15 below this)."""
     vad_aggressiveness: Annotated[int, Field(ge=0, le=3)] = 2
-    """webrtcvad aggressiveness: 0 keeps the most audio, 3 rejects the most noise."""
+    """webrtcvad aggressiveness: 0 keeps the most audio, 3 rejects the most noise. With vad = "silero" it only decides when Silero listens."""
+    noise_suppression: Annotated[int, Field(ge=0, le=4)] = 0
+    """webrtc noise suppression on the microphone path: 0 off, 1-4 stronger."""
+    auto_gain_dbfs: Annotated[int, Field(ge=0, le=31)] = 0
+    """webrtc automatic gain control target, in dB below full scale (e.g. 3 is loud); 0 off."""
     pre_roll_ms: Ms = 300
-    """Audio kept from before the trigger, so the first syllable is not clipped."""
+    """Audio kept from before a button press or speech onset, so the first syllable is not clipped."""
     min_speech_ms: Ms = 240
     """Speech needed before a voice trigger fires or a capture counts: shorter is a click or a cough."""
     silence_ms: Ms = 700
@@ -92,7 +121,41 @@ class ListeningSettings(Section):
     max_ms: Annotated[int, Field(ge=1000, le=120_000)] = 15_000
     """Longest utterance; recording stops here even if the person is still talking."""
     no_speech_timeout_ms: Annotated[int, Field(ge=500, le=60_000)] = 5_000
-    """After a button press, give up if nobody speaks within this time."""
+    """After a button press or the wake word, give up if nobody speaks within this time."""
+    settle_ms: Annotated[int, Field(ge=0, le=5000)] = 400
+    """After playback has drained: the speaker's output latency plus the room's echo tail. Until it has passed, nothing the microphone hears wakes the device or is captured."""
+    follow_up_s: Annotated[float, Field(ge=0, le=30)] = 5.0
+    """After a reply that asks something, listen this long for an answer without the wake word; 0 turns follow-ups off."""
+    follow_up_always: bool = False
+    """Open the follow-up window after every reply, not only after questions."""
+
+    @field_validator("wake_word")
+    @classmethod
+    def _known_wake_word(cls, value: str) -> str:
+        value = value.strip()
+        if value and value not in BUILTIN_WAKE_WORDS:
+            check_wake_model_config(Path(value))
+        return value
+
+
+def check_wake_model_config(path: Path) -> None:
+    """A microWakeWord .json that exists and names a model file beside it; ValueError otherwise."""
+    allowed = f'use one of {", ".join(BUILTIN_WAKE_WORDS)}, a microWakeWord model\'s .json, or ""'
+    if path.suffix != ".json" or not path.is_file():
+        raise ValueError(
+            f"{str(path)!r} is neither a built-in wake word nor a model .json file: {allowed}"
+        )
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+        model = path.parent / config["model"]
+        config["micro"]["probability_cutoff"], config["micro"]["sliding_window_size"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(
+            f'{path} is not a microWakeWord model config (needs "model" and "micro" '
+            f"with probability_cutoff and sliding_window_size; {exc!r}): {allowed}"
+        ) from None
+    if not model.is_file():
+        raise ValueError(f"{path} names the model {model}, which does not exist: {allowed}")
 
 
 class SpeechToTextSettings(Section):
@@ -130,6 +193,10 @@ class CloudSettings(Section):
     """ElevenLabs model; the flash models have the lowest latency."""
     tts_output_format: Literal["pcm_16000", "pcm_22050", "pcm_24000"] = "pcm_16000"
     """ElevenLabs PCM format, played as it streams in."""
+    history_turns: Annotated[int, Field(ge=0, le=20)] = 6
+    """Earlier turns of the conversation the cloud reply sees; 0: each turn stands alone."""
+    history_minutes: Annotated[float, Field(gt=0, le=240)] = 5.0
+    """A conversation ends after this long without a turn; the next one starts afresh."""
 
 
 class ResilienceSettings(Section):

@@ -38,7 +38,8 @@ from heimdall_edge import durable
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-Trigger = Literal["button", "voice"]
+Trigger = Literal["button", "voice", "wake_word", "follow_up"]
+"""What started a capture: a press, speech onset (no wake word set), the wake word, or speech in a follow-up window."""
 Status = Literal["captured", "complete", "failed"]
 SyncState = Literal["pending", "synced", "failed"]
 TRIGGERS: tuple[str, ...] = get_args(Trigger)

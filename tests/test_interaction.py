@@ -18,7 +18,7 @@ from heimdall_edge.engines.base import ReplyRequest, Transcript
 from heimdall_edge.engines.offline_reply import OfflineReplyEngine
 from heimdall_edge.engines.piper import PiperEngine
 from heimdall_edge.interaction import SAY_NOT_UNDERSTOOD, SAY_STORAGE_FULL, Interaction
-from heimdall_edge.listening import EndReason, Utterance
+from heimdall_edge.listen.endpointer import EndReason, Utterance
 from heimdall_edge.routing import Engines
 from heimdall_edge.spool import Spool, SpoolFullError
 
@@ -124,7 +124,7 @@ async def test_speech_failure_falls_back_to_an_earcon(
         RecordingIndicator(),
     )
     result = await asyncio.wait_for(turn.run(utterance(speech_dir), [], asyncio.Event()), 30)
-    assert speaker.seconds_played == pytest.approx(ERROR_EARCON.seconds, abs=0.01)
+    assert speaker.seconds_played == pytest.approx(ERROR_EARCON.audio.seconds, abs=0.01)
     record = spool.get(result.capture_id)
     assert record.transcript == "what time is it" and record.reply.startswith("It's")
     assert record.status == "failed" and "voice exploded" in record.error

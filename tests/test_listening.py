@@ -26,7 +26,8 @@ from heimdall_edge.audio import (
     silence,
 )
 from heimdall_edge.devices.base import ButtonEvent, MicrophoneEnded
-from heimdall_edge.listening import Endpointer, EndReason, Listener, Trigger, Utterance
+from heimdall_edge.listen.endpointer import Endpointer, EndReason, Trigger, Utterance
+from heimdall_edge.listen.listener import Listener
 from heimdall_edge.settings import ListeningSettings
 
 SETTINGS = ListeningSettings()
@@ -228,27 +229,49 @@ def in_a_room(path: Path) -> bytes:
     )
 
 
-@functools.cache
-def speech_bounds(path: Path) -> tuple[int, int, int]:
-    """Where the words are, by energy alone (no VAD): (first word start, last word end, last sound end) in ms.
+def _word_windows(path: Path) -> np.ndarray:
+    """Indices of the 10 ms windows that belong to words, by energy alone (no VAD).
 
-    Levels are 10 ms windows in dB below the loudest. The last sound is the
-    usual rule: the last window above -40 dB. A word needs more, because the
-    recording's own noise is above -40 dB in about half of these files: at
-    least 30 ms above max(-40 dB, that noise + 10 dB), the noise being the
-    10th-percentile level (a 10 ms mouth click or rumble is not a word).
+    Levels are in dB below the loudest window. A word needs at least 30 ms above
+    max(-40 dB, the recording's noise + 10 dB), the noise being the 10th-percentile
+    level (a 10 ms mouth click or rumble is not a word): the recording's own noise
+    is above -40 dB in about half of these files.
     """
+    level = _levels(path)
+    loud = level > max(-40.0, float(np.percentile(level, 10)) + 10)
+    run3 = np.convolve(loud, np.ones(3), mode="valid") == 3
+    return np.flatnonzero(np.convolve(run3, np.ones(3), mode="full") > 0)
+
+
+@functools.cache
+def _levels(path: Path) -> np.ndarray:
     samples = np.frombuffer(read_audio(path).pcm, np.int16).astype(np.float64)
     window = SAMPLE_RATE // 100
     power = (samples[: len(samples) // window * window].reshape(-1, window) ** 2).mean(
         axis=1
     ) + 1e-9
-    level = 10 * np.log10(power / power.max())
-    loud = level > max(-40.0, float(np.percentile(level, 10)) + 10)
-    run3 = np.convolve(loud, np.ones(3), mode="valid") == 3
-    words = np.flatnonzero(np.convolve(run3, np.ones(3), mode="full") > 0)
-    sound = np.flatnonzero(level > -40.0)
+    return 10 * np.log10(power / power.max())
+
+
+@functools.cache
+def speech_bounds(path: Path) -> tuple[int, int, int]:
+    """Where the words are: (first word start, last word end, last sound end) in ms.
+
+    The last sound is the usual rule: the last 10 ms window above -40 dB.
+    """
+    words = _word_windows(path)
+    sound = np.flatnonzero(_levels(path) > -40.0)
     return int(words[0]) * 10, int(words[-1] + 1) * 10, int(sound[-1] + 1) * 10
+
+
+@functools.cache
+def longest_pause(path: Path) -> tuple[int, int]:
+    """The longest silence between words: (start, end) in ms."""
+    words = _word_windows(path)
+    if len(words) < 2:
+        return 0, 0
+    at = int(np.argmax(np.diff(words)))
+    return int(words[at] + 1) * 10, int(words[at + 1]) * 10
 
 
 def test_the_corpus_is_complete(speech_dir: Path, transcripts: dict[str, str]) -> None:
@@ -258,26 +281,45 @@ def test_the_corpus_is_complete(speech_dir: Path, transcripts: dict[str, str]) -
         assert (speech_dir / name).is_file(), name
 
 
+JUDGE_LAG_MS = {"webrtc": 2 * FRAME_MS, "silero": 200}
+"""How long after the last sound each judge may still call it speech: webrtcvad's own tail is
+taken off and leaves a frame or two; Silero's probability falls within a chunk or a few
+(up to 160 ms after the -40 dB point on these recordings)."""
+
+
+@pytest.mark.parametrize("vad", ["silero", "webrtc"])
 @pytest.mark.parametrize("trigger", ["voice", "button"])
 @pytest.mark.parametrize("name", recording_names())
 def test_real_recording_keeps_every_word_and_stops_within_the_hang_over(
-    speech_dir: Path, transcripts: dict[str, str], name: str, trigger: Trigger
+    speech_dir: Path, transcripts: dict[str, str], name: str, trigger: Trigger, vad: str
 ) -> None:
+    """Every word kept, the cut within the hang-over of the last sound.
+
+    A pause between words longer than silence_ms may end the capture early (one
+    recording, JFK's, holds a 1.2 s oratorical pause): then the cut must fall
+    inside that pause, a hang-over after its start.
+    """
     assert name in transcripts
     path = speech_dir / name
-    utterance, used = run(Endpointer(SETTINGS), frames(in_a_room(path)), trigger, press_at=PRESS_AT)
+    settings = SETTINGS.model_copy(update={"vad": vad})
+    utterance, used = run(Endpointer(settings), frames(in_a_room(path)), trigger, press_at=PRESS_AT)
     end = used * FRAME_MS - PAD_MS  # in the recording's own time
     start = end - round(utterance.audio.seconds * 1000)
     words_start, words_end, sound_end = speech_bounds(path)
+    pause_start, pause_end = longest_pause(path)
     where = f"{name}: cut [{start}, {end}] ms, words [{words_start}, {words_end}], last sound {sound_end}"
+    lag = JUDGE_LAG_MS[vad]
 
     assert utterance.reason is EndReason.SILENCE, where
     assert utterance.has_speech, where
     assert start <= words_start, "clipped the first word: " + where
+    if pause_end - pause_start > SETTINGS.silence_ms and end < words_end:
+        assert pause_start + SETTINGS.silence_ms <= end <= pause_end, "cut outside the pause: " + where
+        return
     assert end >= words_end, "clipped the last word: " + where
-    assert end <= sound_end + SETTINGS.silence_ms + 2 * FRAME_MS, "ran past the hang-over: " + where
+    assert end <= sound_end + SETTINGS.silence_ms + lag, "ran past the hang-over: " + where
     assert utterance.speech_end_ms is not None
-    assert start + utterance.speech_end_ms <= sound_end + FRAME_MS, where
+    assert start + utterance.speech_end_ms <= sound_end + lag, where
     assert round(utterance.audio.seconds * 1000) - utterance.speech_end_ms == HANG_OVER * FRAME_MS
 
 

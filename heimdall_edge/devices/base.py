@@ -34,6 +34,7 @@ class IndicatorState(enum.Enum):
     LISTENING = "listening"
     THINKING = "thinking"
     SPEAKING = "speaking"
+    FOLLOW_UP = "follow_up"  # listening for an answer without the wake word
     ERROR = "error"
 
 

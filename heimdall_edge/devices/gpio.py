@@ -132,6 +132,7 @@ class GpioButton:
 
 BLINK = {
     IndicatorState.THINKING: (0.1, 0.1),  # fast
+    IndicatorState.FOLLOW_UP: (0.8, 0.2),  # lit, with short dips: "go on, I'm listening"
     IndicatorState.ERROR: (0.5, 1.5),  # slow
 }
 LIT = {IndicatorState.LISTENING, IndicatorState.SPEAKING}
@@ -139,7 +140,7 @@ LIT = {IndicatorState.LISTENING, IndicatorState.SPEAKING}
 
 class GpioIndicator:
     """The status LED: off when idle, lit while listening or speaking, blinking fast while
-    thinking and slowly after an error.
+    thinking, lit with short dips while waiting for a follow-up, slowly after an error.
 
     With the LED disabled (led.enabled = false) it does nothing, so callers never check.
     """

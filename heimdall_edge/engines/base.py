@@ -20,11 +20,21 @@ class Transcript:
 
 
 @dataclass(frozen=True)
+class Exchange:
+    """One earlier turn of the conversation."""
+
+    said: str
+    answered: str
+
+
+@dataclass(frozen=True)
 class ReplyRequest:
     transcript: str
     capture_id: str
     image_jpeg: bytes | None = None
     status: dict[str, str] = field(default_factory=dict)
+    history: tuple[Exchange, ...] = ()
+    """Earlier turns of this conversation, oldest first (the cloud reply sees them; the offline one need not)."""
 
 
 class SpeechToText(Protocol):

@@ -39,7 +39,15 @@ class CloudReplyEngine:
                     "image_url": {"url": f"data:image/jpeg;base64,{encoded}", "detail": "low"},
                 }
             )
-        return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": content}]
+        earlier: list[dict[str, Any]] = []
+        for exchange in request.history:
+            earlier.append({"role": "user", "content": exchange.said})
+            earlier.append({"role": "assistant", "content": exchange.answered})
+        return [
+            {"role": "system", "content": SYSTEM_PROMPT},
+            *earlier,
+            {"role": "user", "content": content},
+        ]
 
     async def reply(self, request: ReplyRequest, timeout_s: float) -> AsyncIterator[str]:
         """The answer sentence by sentence, as the stream delivers it."""

@@ -1,0 +1,111 @@
+"""The wake word: a microWakeWord model (pymicro-wakeword, TFLite in its wheel) fed 30 ms frames.
+
+The model sees 10 ms feature windows and answers every third one with a
+probability averaged over its sliding window; a frame is a detection when the
+newest probability passes the cutoff. One phrase keeps the probability high
+for several frames, so a refractory period turns it into one detection.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from heimdall_edge.audio import FRAME_MS
+from heimdall_edge.settings import BUILTIN_WAKE_WORDS, ListeningSettings
+
+log = logging.getLogger(__name__)
+
+
+class WakeWordError(RuntimeError):
+    """The wake-word runtime or model cannot be used here; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class WakeModel:
+    """A loaded model and what it answers to."""
+
+    name: str
+    phrase: str
+    cutoff: float
+
+
+class WakeWordDetector:
+    """One stream of frames in, detections out (at most one per refractory period)."""
+
+    def __init__(self, wake_word: str, *, cutoff: float | None, refractory_ms: int) -> None:
+        """Load `wake_word` (a built-in name or a model .json); WakeWordError if it cannot run here."""
+        self._wake_word = wake_word
+        self._model, self._features = _load(wake_word)
+        self.model = WakeModel(
+            name=self._model.id,
+            phrase=self._model.wake_word,
+            cutoff=cutoff if cutoff is not None else float(self._model.probability_cutoff),
+        )
+        self._refractory_frames = -(-refractory_ms // FRAME_MS)
+        self._quiet_for = 0
+        self.probability = 0.0
+        """The newest probability the model gave (for logs and benchmarks)."""
+
+    @classmethod
+    def from_settings(cls, settings: ListeningSettings) -> WakeWordDetector:
+        return cls(
+            settings.wake_word,
+            cutoff=settings.wake_cutoff,
+            refractory_ms=settings.wake_refractory_ms,
+        )
+
+    def twin(self) -> WakeWordDetector:
+        """A second detector with the same model and cutoff, for another stream (the speaker's own output)."""
+        return WakeWordDetector(
+            self._wake_word,
+            cutoff=self.model.cutoff,
+            refractory_ms=self._refractory_frames * FRAME_MS,
+        )
+
+    def feed(self, frame: bytes) -> bool:
+        """Add one 30 ms frame; True if the wake word was just heard."""
+        newest: float | None = None
+        for features in self._features.process_streaming(frame):
+            probability = self._model.process_streaming_prob(features)
+            # Between the model's strides it answers 0.0 ("not yet"): keep the real answers.
+            if probability:
+                newest = probability if newest is None else max(newest, probability)
+        if newest is not None:
+            self.probability = newest
+        if self._quiet_for:
+            self._quiet_for -= 1
+            return False
+        if newest is not None and newest > self.model.cutoff:
+            self._quiet_for = self._refractory_frames
+            return True
+        return False
+
+    def reset(self) -> None:
+        """Forget the audio so far (after a gap in the stream, so old and new never mix)."""
+        self._model.reset()
+        self._features.reset()
+        self._quiet_for = 0
+        self.probability = 0.0
+
+    def close(self) -> None:
+        self._model.close()
+
+
+def _load(wake_word: str) -> tuple[Any, Any]:
+    try:
+        from pymicro_wakeword import MicroWakeWord, MicroWakeWordFeatures, Model
+
+        if wake_word in BUILTIN_WAKE_WORDS:
+            model = MicroWakeWord.from_builtin(Model(wake_word))
+        else:
+            model = MicroWakeWord.from_config(Path(wake_word))
+        return model, MicroWakeWordFeatures()
+    except Exception as exc:  # ImportError, OSError from the TFLite library, ValueError, ...
+        raise WakeWordError(
+            f"the wake word {wake_word!r} cannot run on this device ({type(exc).__name__}: {exc}): "
+            "pymicro-wakeword needs glibc 2.35+ (Debian bookworm / Raspberry Pi OS bookworm); "
+            'the button still works, or set listening.wake_word = "" to wake on any speech'
+        ) from exc
