@@ -47,6 +47,7 @@ def run_checks(settings: Settings, explicit_config: Path | None) -> Iterator[Che
         _speaker,
         _camera,
         _gpio,
+        _listening,
         *[
             _credential(name, env)
             for name, env in (("OpenAI", "openai_api_key"), ("ElevenLabs", "elevenlabs_api_key"))
@@ -180,6 +181,35 @@ def _gpio(settings: Settings) -> Check:
         Level.OK,
         "gpio",
         f"{type(factory).__name__}: button GPIO{settings.button.pin}, LED GPIO{settings.led.pin}",
+    )
+
+
+def _listening(settings: Settings) -> Check:
+    """The voice trigger as it will run here: wake word (loaded for real), VAD, front end."""
+    from heimdall_edge.listen.wakeword import WakeWordDetector, WakeWordError
+
+    listening = settings.listening
+    front = (
+        f"VAD {listening.vad}, noise suppression {listening.noise_suppression or 'off'}, "
+        f"auto gain {f'{listening.auto_gain_dbfs} dBFS' if listening.auto_gain_dbfs else 'off'}, "
+        f"silence {listening.silence_ms} ms, follow-up "
+        f"{f'{listening.follow_up_s:g} s' if listening.follow_up_s else 'off'}"
+    )
+    if listening.mode == "button":
+        return Check(Level.OK, "listening", f"button only; {front}")
+    if not listening.wake_word:
+        return Check(Level.WARN, "listening", f"no wake word: any speech wakes it; {front}")
+    try:
+        detector = WakeWordDetector.from_settings(listening)
+    except WakeWordError as exc:
+        return Check(Level.FAIL, "listening", f"{exc}; the service falls back to the button")
+    model = detector.model
+    detector.close()
+    return Check(
+        Level.OK,
+        "listening",
+        f"wake word {model.phrase!r} ({model.name}, cutoff {model.cutoff:g}), mode "
+        f"{listening.mode}; {front}",
     )
 
 

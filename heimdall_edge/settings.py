@@ -156,6 +156,12 @@ def check_wake_model_config(path: Path) -> None:
         ) from None
     if not model.is_file():
         raise ValueError(f"{path} names the model {model}, which does not exist: {allowed}")
+    # TensorFlow Lite crashes the process on a file that is not a model: check its identifier.
+    with model.open("rb") as head:
+        if head.read(8)[4:8] != b"TFL3":
+            raise ValueError(
+                f"{path} names {model}, which is not a TensorFlow Lite model: {allowed}"
+            )
 
 
 class SpeechToTextSettings(Section):

@@ -462,6 +462,7 @@ class Chaos:
             "HF_HUB_OFFLINE": "1",
             "HEIMDALL_DEVICE_ID": DEVICE,
             "HEIMDALL_LISTENING__MODE": "voice",
+            "HEIMDALL_LISTENING__WAKE_WORD": "",  # every recording is a command
             "HEIMDALL_S3_BUCKET": BUCKET,
             "HEIMDALL_DYNAMODB_TABLE": TABLE,
             "HEIMDALL_S3_ENDPOINT_URL": server.url,

@@ -87,7 +87,7 @@ async def service_until_sigterm(recording: Path, ready_to_stop) -> tuple[int, by
 
     SIGTERM is sent once `ready_to_stop()` (a coroutine) returns; gives (exit code, stderr).
     """
-    env = dict(os.environ, HEIMDALL_LISTENING__MODE="voice")
+    env = dict(os.environ, HEIMDALL_LISTENING__MODE="voice", HEIMDALL_LISTENING__WAKE_WORD="")
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "heimdall_edge.cli", "run", "--simulate", "--input", str(recording),
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

@@ -277,10 +277,26 @@ def test_cli_transcribes_ten_minutes_of_noise_without_inventing_speech(
     assert time.monotonic() - started < 240
 
 
-def test_demo_caps_ten_minutes_of_noise_at_the_longest_utterance(
+def test_demo_on_ten_minutes_of_noise_finds_no_speech_and_keeps_nothing(
     odd_files: dict[str, Path],
 ) -> None:
+    """Silero (the default judge) does not take noise for speech: after the press nobody
+    speaks, so the capture gives up at no_speech_timeout_ms instead of recording on."""
     done = heimdall("demo", "--input", str(odd_files["noise-10min.wav"]), "--json")
+    clear_error(done, "no speech heard", "noise-10min.wav")
+    assert "capture ended (no_speech) without speech" in done.stderr
+    with Spool(Path(os.environ["HEIMDALL_STATE_DIR"]) / "spool") as spool:
+        assert spool.list() == []
+
+
+def test_demo_caps_ten_minutes_of_noise_at_the_longest_utterance_with_webrtcvad(
+    odd_files: dict[str, Path],
+) -> None:
+    """webrtcvad alone hears noise as speech: max_ms is what stops the capture."""
+    done = heimdall(
+        "demo", "--input", str(odd_files["noise-10min.wav"]), "--json",
+        env={"HEIMDALL_LISTENING__VAD": "webrtc"},
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)
     assert result["timings_ms"]["listen"] <= 15_000  # listening.max_ms
@@ -651,6 +667,7 @@ async def test_microphone_unplugged_mid_run_reopens_and_nothing_is_lost(
     instead of crashing, and once the card is back the first utterance ends and is kept
     whole, and the next one is heard too."""
     monkeypatch.setenv("HEIMDALL_LISTENING__MODE", "voice")
+    monkeypatch.setenv("HEIMDALL_LISTENING__WAKE_WORD", "")  # speech onset wakes it
     settings = load_settings()
     second_utterance = threading.Event()
     first = ScriptedDevice(

@@ -35,7 +35,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from heimdall_edge.audio import SAMPLE_RATE, Audio, AudioError, read_audio
-from heimdall_edge.settings import Settings, SettingsError, load_settings
+from heimdall_edge.settings import BUILTIN_WAKE_WORDS, Settings, SettingsError, load_settings
 from heimdall_edge.spool import RECORD_KEYS, CaptureRecord, Spool, SpoolError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -354,6 +354,12 @@ FIELDS: list[tuple[str | None, str, FieldInfo]] = [
 ]
 
 
+CHECKED_ON_DISK: dict[tuple[str | None, str], st.SearchStrategy[Any]] = {
+    # Any string is a type match, but only a built-in name, "" or a real model file is valid.
+    ("listening", "wake_word"): st.sampled_from([*BUILTIN_WAKE_WORDS, ""]),
+}
+
+
 @st.composite
 def valid_mutations(draw: st.DrawFn) -> tuple[dict[str, Any], list[tuple[str | None, str, Any]]]:
     doc = tomllib.loads(EXAMPLE_CONFIG.read_text())
@@ -362,7 +368,8 @@ def valid_mutations(draw: st.DrawFn) -> tuple[dict[str, Any], list[tuple[str | N
     )
     changes = []
     for section, name, field in chosen:
-        value = draw(valid_values(field.annotation, list(field.metadata)))
+        strategy = CHECKED_ON_DISK.get((section, name))
+        value = draw(strategy or valid_values(field.annotation, list(field.metadata)))
         (doc.setdefault(section, {}) if section else doc)[name] = value
         changes.append((section, name, value))
     return doc, changes

@@ -314,7 +314,9 @@ def test_real_recording_keeps_every_word_and_stops_within_the_hang_over(
     assert utterance.has_speech, where
     assert start <= words_start, "clipped the first word: " + where
     if pause_end - pause_start > SETTINGS.silence_ms and end < words_end:
-        assert pause_start + SETTINGS.silence_ms <= end <= pause_end, "cut outside the pause: " + where
+        assert pause_start + SETTINGS.silence_ms <= end <= pause_end, (
+            "cut outside the pause: " + where
+        )
         return
     assert end >= words_end, "clipped the last word: " + where
     assert end <= sound_end + SETTINGS.silence_ms + lag, "ran past the hang-over: " + where

@@ -228,7 +228,7 @@ def test_every_file_is_0600_and_every_folder_0700_whatever_the_umask(
     tmp_path: Path, speech_dir: Path
 ) -> None:
     state = Path(os.environ["HEIMDALL_STATE_DIR"])
-    env = dict(os.environ, HEIMDALL_LISTENING__MODE="voice")
+    env = dict(os.environ, HEIMDALL_LISTENING__MODE="voice", HEIMDALL_LISTENING__WAKE_WORD="")
     clip = str(speech_dir / "v2j_what_time_is_it.wav")
     for args in (
         ["demo", "--input", clip, "--json"],
