@@ -497,7 +497,7 @@ async def _soak(plan: _Plan, cloud: Child, tally: _Tally) -> SoakResult:
             if (turn - 1) % PHASE_TURNS == 0:
                 cloud.send(command)
             result.phases[phase] += 1
-            devices.microphone.queue(clips[(turn - 1) % len(clips)])
+            devices.microphone.person.queue(clips[(turn - 1) % len(clips)])
             button.drive_low()  # a tap, then the recording is "said"
             button.drive_high()
             turn_started = time.monotonic()

@@ -201,6 +201,8 @@ class Appliance:
                 "current turn did not finish within %.0f s of SIGTERM", self.settings.stop_grace_s
             )
             turn.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await turn
         self._report(turn)
 
     def _report(self, turn: asyncio.Task[TurnResult | None]) -> None:

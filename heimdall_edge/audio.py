@@ -67,6 +67,19 @@ def resample(samples: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
     return soxr.resample(samples, from_rate, to_rate).astype(np.float32, copy=False)
 
 
+def joined(chunks: list[Audio], sample_rate: int) -> bytes:
+    """Chunks (at any rates) as one stretch of PCM at `sample_rate`."""
+    parts = []
+    for chunk in chunks:
+        samples = np.frombuffer(chunk.pcm, dtype=np.int16)
+        if chunk.sample_rate != sample_rate:
+            samples = to_int16(
+                resample(samples.astype(np.float32) / 32768, chunk.sample_rate, sample_rate)
+            )
+        parts.append(samples.tobytes())
+    return b"".join(parts)
+
+
 def read_audio(path: Path | str, sample_rate: int = SAMPLE_RATE) -> Audio:
     """Decode a WAV/FLAC/OGG file to mono PCM at `sample_rate`.
 

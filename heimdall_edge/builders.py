@@ -197,24 +197,40 @@ def build_devices(settings: Settings) -> Devices:
 def build_simulated_devices(
     settings: Settings,
     *,
-    inputs: Sequence[Path] = (),
+    inputs: Sequence[Path | bytes] = (),
     realtime: bool = True,
     speaker_wav: Path | None = None,
     pin_factory: Any = None,
+    echo_db: float | None = None,
+    noise: str | None = None,
+    snr_db: float = 15.0,
 ) -> Devices:
-    """Simulated hardware: mock GPIO pins, a file microphone, a synthetic camera, a WAV speaker."""
+    """Simulated hardware: mock GPIO pins, a synthetic camera, and a simulated room.
+
+    In the room a person says `inputs` one after another (waiting while the device
+    speaks), the speaker's sound comes back into the microphone `echo_db` down (None:
+    it does not), and `noise` (pink, brown, hum or an audio file) runs `snr_db` below
+    the person's speech.
+    """
     from gpiozero.pins.mock import MockFactory
 
     from heimdall_edge.devices.camera import SyntheticCamera
     from heimdall_edge.devices.gpio import GpioButton, GpioIndicator
-    from heimdall_edge.devices.microphone import FileMicrophone
-    from heimdall_edge.devices.speaker import WavFileSpeaker
+    from heimdall_edge.devices.room import build_room
 
     pin_factory = pin_factory or MockFactory()
+    room = build_room(
+        inputs,
+        realtime=realtime,
+        speaker_wav=speaker_wav,
+        echo_db=echo_db,
+        noise=noise,
+        snr_db=snr_db,
+    )
     return Devices(
-        microphone=FileMicrophone(list(inputs), realtime=realtime),
+        microphone=room.microphone,
         button=GpioButton(settings.button, pin_factory=pin_factory),
         indicator=GpioIndicator(settings.led, pin_factory=pin_factory),
         camera=SyntheticCamera(settings.camera),
-        speaker=WavFileSpeaker(speaker_wav, realtime=realtime),
+        speaker=room.speaker,
     )

@@ -21,7 +21,7 @@ import typer
 from heimdall_edge import builders
 from heimdall_edge.appliance import Devices
 from heimdall_edge.audio import AudioError, read_audio
-from heimdall_edge.devices.base import DeviceError
+from heimdall_edge.devices.base import DeviceError, MicrophoneEnded
 from heimdall_edge.engines.base import EngineError
 from heimdall_edge.settings import Settings, SettingsError, load_settings
 from heimdall_edge.spool import CaptureRecord, SpoolError
@@ -41,6 +41,24 @@ ConfigOption = Annotated[
     ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+EchoOption = Annotated[
+    float | None,
+    typer.Option(
+        "--echo-db",
+        help="Simulated room: the speaker's sound comes back into the microphone this many dB "
+        "down (e.g. -6). Unset: no echo.",
+        max=0,
+    ),
+]
+NoiseOption = Annotated[
+    str | None,
+    typer.Option(
+        "--noise", help="Simulated room: background noise, pink, brown, hum or an audio file."
+    ),
+]
+SnrOption = Annotated[
+    float, typer.Option("--snr", help="Simulated room: the noise this many dB below the speech.")
+]
 
 EXPECTED_ERRORS = (SettingsError, AudioError, EngineError, DeviceError, SpoolError)
 
@@ -93,11 +111,11 @@ def default_demo_input() -> Path:
 @app.command()
 def run(
     simulate: Annotated[
-        bool, typer.Option("--simulate", help="Simulated devices (mock GPIO, file microphone).")
+        bool, typer.Option("--simulate", help="Simulated devices (mock GPIO, a simulated room).")
     ] = False,
     inputs: Annotated[
         list[Path] | None,
-        typer.Option("--input", help="With --simulate: audio played into the microphone."),
+        typer.Option("--input", help="With --simulate: what the person in the room says."),
     ] = None,
     fast: Annotated[
         bool,
@@ -105,14 +123,24 @@ def run(
             "--fast", help="With --simulate: play the inputs as fast as possible, then stop."
         ),
     ] = False,
+    echo_db: EchoOption = None,
+    noise: NoiseOption = None,
+    snr: SnrOption = 15.0,
 ) -> None:
     """Run the appliance (the systemd service). Under --simulate, SIGUSR1 presses the button."""
     try:
         settings = _settings()
         if simulate:
             devices = builders.build_simulated_devices(
-                settings, inputs=inputs or [], realtime=not fast
+                settings,
+                inputs=inputs or [],
+                realtime=not fast,
+                echo_db=echo_db,
+                noise=noise,
+                snr_db=snr,
             )
+        elif inputs or fast or echo_db is not None or noise:
+            raise SettingsError("--input, --fast, --echo-db and --noise need --simulate")
         else:
             devices = builders.build_devices(settings)
     except EXPECTED_ERRORS as exc:
@@ -160,22 +188,37 @@ def demo(
     input: Annotated[
         Path | None, typer.Option("--input", help="Audio the simulated person says (WAV/FLAC).")
     ] = None,
+    trigger: Annotated[
+        str | None,
+        typer.Option(
+            help="wake: the person says the wake word first (the default when one is set); "
+            "button: the person taps the button."
+        ),
+    ] = None,
+    echo_db: EchoOption = None,
+    noise: NoiseOption = None,
+    snr: SnrOption = 15.0,
     json_out: JsonOption = False,
 ) -> None:
-    """One whole interaction on simulated hardware: press, speak, transcribe, reply, speak, keep."""
+    """One whole interaction on simulated hardware: wake (or press), speak, transcribe, reply, speak, keep."""
     try:
         settings = _settings()
         audio_path = input or default_demo_input()
-        read_audio(audio_path)  # a bad file fails here, clearly, before anything loads
-    except EXPECTED_ERRORS as exc:
+        said = read_audio(audio_path)  # a bad file fails here, clearly, before anything loads
+        wake_phrase = _demo_wake_phrase(settings, trigger)
+        room = {"echo_db": echo_db, "noise": noise, "snr_db": snr}
+        builders.build_simulated_devices(settings, inputs=[], realtime=False, **room)  # checks
+    except (*EXPECTED_ERRORS, ValueError) as exc:
         _fail(exc)
-    result = _run(_demo(settings, audio_path))
+    result = _run(_demo(settings, said.pcm, wake_phrase, room))
     if result is None:
         _fail(RuntimeError(f"no speech heard in {audio_path}: nothing to answer"))
     if json_out:
         _emit(result.to_json())
         return
     timings = result.timings_ms
+    if wake_phrase:
+        typer.echo(f"woke on: {wake_phrase!r}")
     typer.echo(
         f"heard:   {result.transcript!r}  ({result.engines.get('stt')}, {timings.get('transcribe', 0):.0f} ms)"
     )
@@ -187,22 +230,64 @@ def demo(
     typer.echo(f"capture: {result.capture_id} in {settings.spool_dir} (pending sync)")
 
 
-async def _demo(settings: Settings, audio_path: Path) -> Any:
-    from heimdall_edge.appliance import Appliance
+def _demo_wake_phrase(settings: Settings, trigger: str | None) -> str | None:
+    """The phrase the simulated person wakes the device with; None: they press the button."""
+    from heimdall_edge.listen.wakeword import WakeWordDetector, WakeWordError
 
+    if trigger not in (None, "wake", "button"):
+        raise SettingsError(f"--trigger {trigger!r}: use wake or button")
+    listening = settings.listening
+    if trigger == "button" or (trigger is None and not listening.wake_word):
+        return None
+    if not listening.wake_word or listening.mode == "button":
+        raise SettingsError(
+            "--trigger wake needs a wake word and listening.mode voice or both "
+            "(HEIMDALL_LISTENING__WAKE_WORD, HEIMDALL_LISTENING__MODE)"
+        )
+    try:
+        detector = WakeWordDetector.from_settings(listening)
+    except WakeWordError as exc:
+        if trigger == "wake":
+            raise SettingsError(str(exc)) from exc
+        log.warning("%s: the demo presses the button instead", exc)
+        return None
+    detector.close()
+    return detector.model.phrase
+
+
+async def _demo(
+    settings: Settings, said: bytes, wake_phrase: str | None, room: dict[str, Any]
+) -> Any:
+    from heimdall_edge.appliance import Appliance
+    from heimdall_edge.audio import SAMPLE_RATE, joined, silence
+
+    mode = "voice" if wake_phrase else "button"
     settings = settings.model_copy(
-        update={"listening": settings.listening.model_copy(update={"mode": "button"})}
+        update={"listening": settings.listening.model_copy(update={"mode": mode})}
     )
     spool = builders.open_spool(settings)
-    devices = builders.build_simulated_devices(settings, inputs=[audio_path], realtime=False)
+    engines = builders.build_engines(settings)
+    lines = [said]
+    if wake_phrase:  # the person says the wake word, pauses, then the rest
+        await engines.tts.load()
+        spoken = [chunk async for chunk in engines.tts.synthesize(f"{wake_phrase}.")]
+        wake = joined(spoken, SAMPLE_RATE)
+        lines = [silence(500) + wake + silence(400) + said]
+    devices = builders.build_simulated_devices(settings, inputs=lines, realtime=False, **room)
     syncer = builders.build_syncer(settings, spool)  # for the quota; `sync` delivers
-    appliance = Appliance(settings, devices, builders.build_engines(settings), spool, syncer=syncer)
+    appliance = Appliance(settings, devices, engines, spool, syncer=syncer)
     try:
         await appliance.start()
-        # The simulated person taps the button, then speaks.
-        devices.button.pin.drive_low()
-        devices.button.pin.drive_high()
-        return await appliance.one_turn()
+        if not wake_phrase:  # the simulated person taps the button, then speaks
+            devices.button.pin.drive_low()
+            devices.button.pin.drive_high()
+        try:
+            return await appliance.one_turn()
+        except MicrophoneEnded:
+            raise DeviceError(
+                f"the simulated person said {wake_phrase!r} but the device did not wake "
+                "(too much noise or echo?): raise --snr, or use --trigger button"
+            ) from None
     finally:
         await devices.aclose()
 

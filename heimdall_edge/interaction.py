@@ -15,9 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-import numpy as np
-
-from heimdall_edge.audio import Audio, resample, wav_bytes
+from heimdall_edge.audio import Audio, joined, wav_bytes
 from heimdall_edge.devices.base import Indicator, IndicatorState, Playback, Speaker
 from heimdall_edge.earcon import ERROR_EARCON
 from heimdall_edge.engines.base import Exchange, ReplyRequest
@@ -281,12 +279,4 @@ async def _one(item: T) -> AsyncIterator[T]:
 def _join(chunks: list[Audio]) -> bytes:
     """One WAV at the first chunk's rate (an earcon may come at another rate)."""
     rate = chunks[0].sample_rate
-    parts = []
-    for chunk in chunks:
-        samples = np.frombuffer(chunk.pcm, dtype=np.int16)
-        if chunk.sample_rate != rate:
-            samples = (
-                resample(samples.astype(np.float32) / 32768, chunk.sample_rate, rate) * 32767
-            ).astype(np.int16)
-        parts.append(samples.tobytes())
-    return wav_bytes(b"".join(parts), rate)
+    return wav_bytes(joined(chunks, rate), rate)

@@ -94,7 +94,7 @@ BUILTIN_WAKE_WORDS = ("hey_jarvis", "okay_nabu", "alexa", "hey_mycroft")
 class ListeningSettings(Section):
     mode: Literal["button", "voice", "both"] = "both"
     """What starts a capture: the button, the voice (the wake word, or speech onset without one), or either."""
-    wake_word: str = "okay_nabu"
+    wake_word: str = "hey_jarvis"
     """Wake word: a built-in model (hey_jarvis, okay_nabu, alexa, hey_mycroft), a path to a microWakeWord model's .json, or "" to wake on any speech."""
     wake_cutoff: Annotated[float, Field(gt=0, lt=1)] | None = None
     """Wake word probability needed to wake (0-1, higher wakes less often). Unset: the model's own cutoff."""

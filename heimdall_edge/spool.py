@@ -331,6 +331,7 @@ class Spool:
             )
         folder = self._folder(capture_id)
         temp = folder / durable.temp_name()
+        renamed = recorded = False
         try:
             durable.write_new_file(temp, data)
             with self._transaction():
@@ -344,12 +345,15 @@ class Spool:
                 record = _validated(dataclasses.replace(record, files=files))
                 self._put_row(record)
                 os.rename(temp, folder / name)
+                renamed = True
                 durable.fsync_dir(folder)
                 durable.replace_file(folder / RECORD_NAME, _record_file_bytes(record))
+                recorded = True
         except BaseException as exc:
-            # Once renamed, the file may already be listed: leave it to recovery.
+            # capture.json is replaced atomically: if it was not, nothing lists the file
+            # (the index row rolled back too), so it goes; once listed, recovery owns it.
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(temp)
+                os.unlink(folder / name if renamed and not recorded else temp)
             if isinstance(exc, OSError | sqlite3.Error):
                 raise self._storage_error(exc, f"{name} was not added to {capture_id}") from exc
             raise

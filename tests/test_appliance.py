@@ -56,7 +56,7 @@ async def test_button_press_on_simulated_service_runs_a_whole_interaction(
         pin = pins.pin(settings.button.pin)
         pin.drive_low()  # the person taps the button...
         pin.drive_high()
-        devices.microphone.queue(speech_dir / "v2j_what_time_is_it.wav")  # ...and speaks
+        devices.microphone.person.queue(speech_dir / "v2j_what_time_is_it.wav")  # ...and speaks
         await until(
             lambda: len(complete_captures(settings.spool_dir)) == 1,
             30,

@@ -33,6 +33,7 @@ from heimdall_edge.appliance import Appliance, Devices
 from heimdall_edge.audio import SAMPLE_RATE, AudioError, frames, read_audio, silence
 from heimdall_edge.devices.base import DeviceError
 from heimdall_edge.devices.microphone import PyAudioMicrophone
+from heimdall_edge.devices.speaker import WavFileSpeaker
 from heimdall_edge.engines.offline_reply import OfflineReplyEngine
 from heimdall_edge.interaction import SAY_STORAGE_FULL
 from heimdall_edge.routing import Engines
@@ -707,7 +708,7 @@ async def test_microphone_unplugged_mid_run_reopens_and_nothing_is_lost(
         button=simulated.button,
         indicator=simulated.indicator,
         camera=simulated.camera,
-        speaker=simulated.speaker,
+        speaker=WavFileSpeaker(None),  # no room: the microphone here is not the room's
     )
     engines = Engines(stt=whisper, reply=OfflineReplyEngine(), tts=piper)
     spool = builders.open_spool(settings)

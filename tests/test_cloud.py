@@ -309,7 +309,8 @@ async def test_canary_key_never_reaches_logs_spool_or_cache(
         from heimdall_edge.cli import _demo
 
         settings = load_settings()
-        result = await asyncio.wait_for(_demo(settings, speech_dir / "v2j_what_time_is_it.wav"), 60)
+        said = read_audio(speech_dir / "v2j_what_time_is_it.wav").pcm
+        result = await asyncio.wait_for(_demo(settings, said, None, {}), 60)  # a press, no room
         assert result.engines == {"stt": "faster-whisper", "reply": "offline", "tts": "piper"}
         assert fake.count("transcriptions") == 1 and fake.count("tts") >= 1
     assert canary not in caplog.text

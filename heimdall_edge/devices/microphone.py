@@ -25,7 +25,6 @@ from heimdall_edge.audio import (
     frames,
     noise,
     read_audio,
-    silence,
 )
 from heimdall_edge.devices.base import DeviceError, MicrophoneEnded
 from heimdall_edge.devices.portaudio import (
@@ -335,11 +334,16 @@ class FileMicrophone:
     ends; without, it runs as fast as it is read and raises MicrophoneEnded once
     the queued audio is used up and `tail_silence_ms` of silence has followed
     (enough for an endpointer to close the utterance).
+
+    Each queued file is a line, said `gap_ms` after the one before. While `hold`
+    is set (the device is speaking) the person finishes the line they are in
+    but starts no new one; once it is cleared, the pause before the next line
+    starts over.
     """
 
     def __init__(
         self,
-        path_or_paths: str | Path | Sequence[str | Path] = (),
+        path_or_paths: str | Path | bytes | Sequence[str | Path | bytes] = (),
         realtime: bool = False,
         *,
         tail_silence_ms: int = 2000,
@@ -348,33 +352,62 @@ class FileMicrophone:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
     ) -> None:
-        paths = [path_or_paths] if isinstance(path_or_paths, (str, Path)) else list(path_or_paths)
-        self.name = "file:" + (",".join(Path(p).name for p in paths) or "silence")
+        lines = (
+            [path_or_paths]
+            if isinstance(path_or_paths, (str, Path, bytes))
+            else list(path_or_paths)
+        )
+        names = [Path(p).name if not isinstance(p, bytes) else "speech" for p in lines]
+        self.name = "file:" + (",".join(names) or "silence")
         self.realtime = realtime
         self._tail_frames = max(1, -(-tail_silence_ms // FRAME_MS))
-        self._gap = frames(silence(gap_ms)) if gap_ms else []
+        self._gap_frames = -(-gap_ms // FRAME_MS)
         self._noise_dbfs = noise_dbfs
         self._clock = clock
         self._sleep = sleep
         self._frames: collections.deque[bytes] = collections.deque()
+        """The rest of the line being said."""
+        self._lines: collections.deque[tuple[int, list[bytes]]] = collections.deque()
+        """Lines not begun yet: (silent frames due before it, its frames)."""
+        self._paused = 0
         self._silent_frames = 0
         self._next_at: float | None = None
-        for path in paths:
-            self.queue(path)
+        self.hold = False
+        """Start no new line: the person waits (e.g. for the device's reply)."""
+        for line in lines:
+            self.say(line) if isinstance(line, bytes) else self.queue(line)
 
     def queue(self, path: str | Path) -> None:
         """Add an utterance to be heard after what is already queued (and a pause, so they stay apart)."""
-        if self._frames:
-            self._frames.extend(self._gap)
-        self._frames.extend(frames(read_audio(path).pcm))
+        self.say(read_audio(path).pcm)
+
+    def say(self, pcm: bytes) -> None:
+        """Like `queue`, for 16 kHz mono s16le PCM."""
+        pause = self._gap_frames if self._frames or self._lines else 0
+        self._lines.append((pause, frames(pcm)))
         self._silent_frames = 0
+
+    @property
+    def queued_pcm(self) -> bytes:
+        """What the person is still to say (the pauses between lines left out)."""
+        return b"".join(self._frames) + b"".join(b"".join(line) for _, line in self._lines)
 
     async def read(self) -> bytes:
         if self.realtime:
             await self._pace()
+        if not self._frames and self._lines:
+            pause = self._lines[0][0]
+            if self.hold:
+                self._paused = 0
+            elif self._paused < pause:
+                self._paused += 1
+                return bytes(FRAME_BYTES)
+            else:
+                self._frames.extend(self._lines.popleft()[1])
+                self._paused = self._silent_frames = 0
         if self._frames:
             return self._frames.popleft()
-        if not self.realtime and self._silent_frames >= self._tail_frames:
+        if not self.realtime and not self._lines and self._silent_frames >= self._tail_frames:
             raise MicrophoneEnded(f"microphone {self.name}: no more audio")
         self._silent_frames += 1
         if self._noise_dbfs is None:
@@ -396,3 +429,4 @@ class FileMicrophone:
 
     async def aclose(self) -> None:
         self._frames.clear()
+        self._lines.clear()

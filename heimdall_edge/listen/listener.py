@@ -29,7 +29,7 @@ from heimdall_edge.listen.endpointer import Endpointer, EndReason, Trigger, Utte
 from heimdall_edge.listen.frontend import NoiseAndGain
 from heimdall_edge.listen.own_voice import OwnVoiceGuard
 from heimdall_edge.listen.vad import SpeechJudge
-from heimdall_edge.listen.wakeword import WakeWordDetector, WakeWordError
+from heimdall_edge.listen.wakeword import WakeWord, WakeWordDetector, WakeWordError
 from heimdall_edge.settings import ListeningSettings
 from heimdall_edge.streams import closing
 
@@ -60,7 +60,7 @@ class Listener:
         settings: ListeningSettings | None = None,
         *,
         is_speech: SpeechJudge | Callable[[bytes], bool] | None = None,
-        wake: WakeWordDetector | None = None,
+        wake: WakeWord | None = None,
         front_end: NoiseAndGain | None = None,
         speaker: Speaker | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -87,11 +87,12 @@ class Listener:
         self._clock = clock
         self._stopping = False
         self._barged_in = False
+        self._settle_until: int | None = None
         self.frames_read = 0
         """Microphone frames read so far: the Listener's clock."""
 
     @property
-    def wake_word(self) -> WakeWordDetector | None:
+    def wake_word(self) -> WakeWord | None:
         return self._wake
 
     @property
@@ -171,28 +172,28 @@ class Listener:
                 return None
         return None
 
-    async def while_speaking(self, done: asyncio.Event, stop: asyncio.Event) -> None:
-        """Listen while the device plays, and for settle_ms after `done`.
+    def playback_starting(self) -> None:
+        """The device is about to play: call before `while_speaking` (and before the playback can end)."""
+        self._mic.flush()  # frames from before playback (thinking time) are stale
+        self._settle_until = None
+        if self._guard is not None:
+            self._guard.playback_started(self.frames_read)
+
+    async def while_speaking(self, stop: asyncio.Event) -> None:
+        """Listen while the device plays, and for settle_ms after `playback_ended()`.
 
         Only the wake word counts, and only a person's: a detection where the
         device's own output said it is ignored. On a real one, `stop` is set
         (playback ends) and the next capture starts at once. Nothing heard
-        here is kept: the pre-roll starts empty afterwards.
+        here is kept: the pre-roll starts empty afterwards. When the service
+        is stopping, the settle time is skipped.
         """
-        self._mic.flush()  # frames from before playback (thinking time) are stale
-        if self._wake is not None:
-            self._wake.reset()
-        if self._guard is not None:
-            self._guard.playback_started(self.frames_read)
-        settle_left = frames_for(self.settings.settle_ms)
         try:
-            while not self._stopping:
-                if done.is_set():
-                    if settle_left <= 0:
-                        return
-                    settle_left -= 1
+            while self._settle_until is None or (
+                not self._stopping and self.frames_read < self._settle_until
+            ):
                 frame = await self._read()
-                if self._wake is None or not self._wake.feed(frame):
+                if self._wake is None or not self._wake.feed(frame) or self._settle_until:
                     continue
                 if self._guard is not None and self._guard.covers(self.frames_read):
                     log.info("wake word in the device's own voice: ignored")
@@ -205,6 +206,10 @@ class Listener:
             return
         finally:
             self._endpointer.reset()
+
+    def playback_ended(self) -> None:
+        """The last audio has left the speaker: settle_ms from this frame on, then listen again."""
+        self._settle_until = self.frames_read + frames_for(self.settings.settle_ms)
 
     async def own_voice(self, chunks: AsyncIterator[Audio]) -> AsyncIterator[Audio]:
         """`chunks` on their way to the speaker, shown to the own-voice guard first."""

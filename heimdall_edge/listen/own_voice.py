@@ -16,17 +16,22 @@ from __future__ import annotations
 
 import numpy as np
 
-from heimdall_edge.audio import FRAME_BYTES, SAMPLE_RATE, Audio
-from heimdall_edge.listen.wakeword import WakeWordDetector
+from heimdall_edge.audio import FRAME_BYTES, SAMPLE_RATE, Audio, frames, silence
+from heimdall_edge.listen.wakeword import WakeWord
 
+PRIMING_MS = 500
+"""Silence the detector hears first: its front end learns the noise floor from the first audio,
+and must not learn it from speech (it then misses a wake word in the first reply)."""
 MARGIN_FRAMES = 10
 """Slack around an own-voice detection (300 ms): the two detectors need not fire on the same frame."""
 
 
 class OwnVoiceGuard:
-    def __init__(self, detector: WakeWordDetector, settle_frames: int) -> None:
+    def __init__(self, detector: WakeWord, settle_frames: int) -> None:
         """`detector`: a twin of the microphone's wake-word detector, for the speaker's stream."""
         self._detector = detector
+        for frame in frames(silence(PRIMING_MS)):
+            detector.feed(frame)
         self._settle = settle_frames
         self._muted: list[tuple[int, int]] = []
         self._cursor = 0
@@ -34,8 +39,7 @@ class OwnVoiceGuard:
         self._resampler: tuple[int, object] | None = None
 
     def playback_started(self, mic_frame: int) -> None:
-        """A new playback begins at this microphone frame: forget the last one's stream."""
-        self._detector.reset()
+        """A new playback begins at this microphone frame (the speaker's stream runs on)."""
         self._cursor = mic_frame
         self._pending = b""
         self._resampler = None

@@ -23,14 +23,14 @@ class ListeningSpeaker:
         self._listener = listener
 
     async def play(self, chunks: AsyncIterator[Audio], stop: asyncio.Event) -> Playback:
-        done = asyncio.Event()
+        self._listener.playback_starting()
         listening = asyncio.create_task(
-            self._listener.while_speaking(done, stop), name="listen-while-speaking"
+            self._listener.while_speaking(stop), name="listen-while-speaking"
         )
         try:
             return await self._speaker.play(self._listener.own_voice(chunks), stop)
         finally:
-            done.set()
+            self._listener.playback_ended()
             try:
                 await listening
             except asyncio.CancelledError:

@@ -63,7 +63,8 @@ class WebRtcJudge:
     def __init__(self, aggressiveness: int) -> None:
         import webrtcvad
 
-        self._vad = webrtcvad.Vad(aggressiveness)
+        self._new_vad = lambda: webrtcvad.Vad(aggressiveness)
+        self._vad = self._new_vad()
         self.tail_frames = WEBRTC_TAIL_FRAMES[aggressiveness]
         self.hearing = False
 
@@ -72,7 +73,9 @@ class WebRtcJudge:
         return self.hearing
 
     def reset(self, context: Sequence[bytes] = ()) -> None:
-        """webrtcvad's own state is a few frames deep: nothing worth forgetting."""
+        """A fresh webrtcvad (it adapts its noise estimate to what it has heard)."""
+        self._vad = self._new_vad()
+        self.hearing = False
 
 
 class ScriptedJudge:
@@ -106,7 +109,7 @@ class SileroJudge:
     def __init__(
         self,
         threshold: float = 0.5,
-        gate: Callable[[bytes], bool] | None = None,
+        gate: SpeechJudge | None = None,
         *,
         detector: Any = None,
     ) -> None:
@@ -123,6 +126,8 @@ class SileroJudge:
         self.reset()
 
     def reset(self, context: Sequence[bytes] = ()) -> None:
+        if self._gate is not None:
+            self._gate.reset()
         self._detector.reset()
         self._carry = np.zeros(0, dtype=np.float32)
         self._probability = 0.0

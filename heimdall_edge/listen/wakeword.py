@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from heimdall_edge.audio import FRAME_MS
 from heimdall_edge.settings import BUILTIN_WAKE_WORDS, ListeningSettings
@@ -30,6 +30,20 @@ class WakeModel:
     name: str
     phrase: str
     cutoff: float
+
+
+class WakeWord(Protocol):
+    """What the Listener needs of a wake-word detector."""
+
+    model: WakeModel
+
+    def feed(self, frame: bytes) -> bool:
+        """Add one 30 ms frame; True if the wake word was just heard."""
+        ...
+
+    def twin(self) -> WakeWord:
+        """A detector like this one, for another stream of audio."""
+        ...
 
 
 class WakeWordDetector:
@@ -82,13 +96,6 @@ class WakeWordDetector:
             self._quiet_for = self._refractory_frames
             return True
         return False
-
-    def reset(self) -> None:
-        """Forget the audio so far (after a gap in the stream, so old and new never mix)."""
-        self._model.reset()
-        self._features.reset()
-        self._quiet_for = 0
-        self.probability = 0.0
 
     def close(self) -> None:
         self._model.close()
