@@ -221,7 +221,8 @@ async def test_a_stopped_playback_leaves_no_echo_of_the_blocks_it_never_played(
     end = START + DELAY + len(played)
     assert np.array_equal(heard[START + DELAY : end], played)  # the echo is what was played
     assert not heard[end:].any()  # and nothing of the rest
-    assert run.returned_at == [-(-end // FRAME_SAMPLES)]
+    # Stopped, play() returns at once, as a real speaker does; the tail still reaches the mic.
+    assert run.returned_at == [BEFORE + 20]  # the frame that stopped it was the last read
 
 
 async def test_an_interjection_lands_after_ms_into_the_playback_even_if_it_is_stopped(
@@ -254,6 +255,22 @@ async def test_an_interjection_lands_after_ms_into_the_playback_even_if_it_is_st
     at = START + SAMPLE_RATE * 200 // 1000
     assert not heard[:at].any()
     assert np.array_equal(heard[at : at + len(voice.pcm) // 2], samples(voice.pcm))
+
+
+async def test_an_interjection_waits_out_a_playback_that_ends_before_it(clip, voice, long_voice):
+    """The earcon at the start of a capture is a playback too: the person still talks over
+    the reply that follows it, after_ms into that one."""
+    words = read_audio(clip).pcm
+    person = FileMicrophone([], tail_silence_ms=60_000)
+    run = Run(SimulatedRoom(person, WavFileSpeaker(None)))
+    run.room.interject(words, after_ms=2000)  # the 1.1 s `voice` ends first
+    await asyncio.wait_for(run.playing(voice, frames=120), TIMEOUT)
+    assert not run.pcm.any()
+    reply = Run(run.room)
+    await asyncio.wait_for(reply.playing(long_voice, frames=150), TIMEOUT)
+    at = START + SAMPLE_RATE * 2000 // 1000
+    assert not reply.pcm[:at].any()
+    assert np.array_equal(reply.pcm[at : at + len(words) // 2], samples(words))
 
 
 async def test_the_microphone_does_not_end_before_an_interjection_is_heard(clip, voice):

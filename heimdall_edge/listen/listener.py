@@ -129,10 +129,8 @@ class Listener:
                     frame = await self._read()
                 except MicrophoneEnded:
                     return self._finish(EndReason.MIC_ENDED)
-                if self._wake is not None:
-                    self._wake.feed(
-                        frame
-                    )  # its stream stays whole; a wake word mid-command is speech
+                if self._wake is not None:  # its stream stays whole; a wake word now is speech
+                    self._wake.feed(frame)
                 reason = endpointer.feed(frame) or self._button_reason()
                 if reason is not None:
                     return self._finish(reason)
@@ -184,7 +182,7 @@ class Listener:
 
         Only the wake word counts, and only a person's: a detection where the
         device's own output said it is ignored. On a real one, `stop` is set
-        (playback ends) and the next capture starts at once. Nothing heard
+        (playback ends, if it has not) and the next capture starts at once. Nothing heard
         here is kept: the pre-roll starts empty afterwards. When the service
         is stopping, the settle time is skipped.
         """
@@ -193,7 +191,7 @@ class Listener:
                 not self._stopping and self.frames_read < self._settle_until
             ):
                 frame = await self._read()
-                if self._wake is None or not self._wake.feed(frame) or self._settle_until:
+                if self._wake is None or not self._wake.feed(frame):
                     continue
                 if self._guard is not None and self._guard.covers(self.frames_read):
                     log.info("wake word in the device's own voice: ignored")
@@ -327,7 +325,9 @@ def build_listener(
         except WakeWordError as exc:
             fallback = "button" if button is not None else "voice"
             log.error(
-                "%s; listening falls back to the %s", exc, "button" if button else "any speech"
+                "%s; listening falls back to %s",
+                exc,
+                "the button" if button is not None else "waking on any speech",
             )
             settings = settings.model_copy(update={"mode": fallback, "wake_word": ""})
     return Listener(
