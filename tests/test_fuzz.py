@@ -369,7 +369,9 @@ def valid_mutations(draw: st.DrawFn) -> tuple[dict[str, Any], list[tuple[str | N
     changes = []
     for section, name, field in chosen:
         strategy = CHECKED_ON_DISK.get((section, name))
-        value = draw(strategy or valid_values(field.annotation, list(field.metadata)))
+        if strategy is None:
+            strategy = valid_values(field.annotation, list(field.metadata))
+        value = draw(strategy)
         (doc.setdefault(section, {}) if section else doc)[name] = value
         changes.append((section, name, value))
     return doc, changes
