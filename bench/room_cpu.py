@@ -110,7 +110,7 @@ def _conditions(material: Material, phrase: str, seconds: float) -> dict[str, np
     commands = [f"{phrase}, {c}" for c in voices.COMMANDS[:COMMANDS_IN_CPU_RUN]]
     said = _spoken(material, commands, 0)
     floor = 10 ** (FLOOR_DBFS / 20) * rng.standard_normal(n).astype(np.float32)
-    fan = 10 ** ((SPEECH_DBFS - 10) / 20) * _noise_loop("pink", 0)[:n]
+    fan = 10 ** ((SPEECH_DBFS - 10) / 20) * np.resize(_noise_loop("pink", 0), n)
     return {
         "quiet room, nobody talking": floor,
         "quiet room, talk": in_the_room(dry, Acoustics(0.45, 2.0, "pink", 40, 0), material, rng),

@@ -96,7 +96,7 @@ def test_silero_holds_speech_down_to_its_lower_threshold() -> None:
 def test_the_judge_the_settings_ask_for() -> None:
     assert isinstance(make_judge(ListeningSettings(vad="webrtc")), WebRtcJudge)
     judge = make_judge(ListeningSettings(vad="silero", vad_threshold=0.7))
-    assert isinstance(judge, SileroJudge) and judge.tail_frames == 0
+    assert isinstance(judge, SileroJudge) and judge.tail_frames == 3
 
 
 # --- the earcon canceller ---------------------------------------------------------------------
