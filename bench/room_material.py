@@ -60,7 +60,7 @@ def wake_model(wake_word: str) -> tuple[str, float]:
     from heimdall_edge.listen.wakeword import WakeWordDetector
 
     model = WakeWordDetector(wake_word, cutoff=None, refractory_ms=0).model
-    return model.phrase, model.cutoff
+    return model.phrase, model.own_cutoff
 
 
 def cutoffs(wake_word: str) -> tuple[float, float, float]:

@@ -97,7 +97,7 @@ class ListeningSettings(Section):
     wake_word: str = "hey_jarvis"
     """Wake word: a built-in model (hey_jarvis, okay_nabu, alexa, hey_mycroft), a path to a microWakeWord model's .json, or "" to wake on any speech."""
     wake_cutoff: Annotated[float, Field(gt=0, lt=1)] | None = None
-    """Wake word probability needed to wake (0-1, higher wakes less often). Unset: the model's own cutoff."""
+    """Wake word probability needed to wake (0-1, higher wakes less often). Unset: the one measured for a built-in (hey_jarvis 0.985, hey_mycroft 0.975), else the model's own."""
     wake_refractory_ms: Annotated[int, Field(ge=0, le=10_000)] = 2000
     """After a detection, further detections are ignored this long (one phrase wakes once)."""
     wake_sound: bool = True

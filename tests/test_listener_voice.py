@@ -42,7 +42,7 @@ def indices(utterance: Utterance) -> list[int]:
 class ScriptedWake:
     """Fires on frames marked 'W'; its twin (for the speaker's stream) does too."""
 
-    model = WakeModel(name="scripted", phrase="Hey Scripted", cutoff=0.5)
+    model = WakeModel(name="scripted", phrase="Hey Scripted", cutoff=0.5, own_cutoff=0.5)
 
     def feed(self, frame: bytes) -> bool:
         return frame[0] == 2

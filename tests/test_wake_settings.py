@@ -7,6 +7,7 @@ import json
 import logging
 from pathlib import Path
 
+import pymicro_wakeword
 import pytest
 
 from heimdall_edge.doctor import Level, _listening
@@ -86,6 +87,22 @@ def test_a_model_given_by_path_loads_and_wakes_like_the_built_in(tmp_path: Path)
     assert (detector.model.phrase, detector.model.cutoff) == ("Hey Mine", 0.9)
 
 
+@pytest.mark.parametrize(
+    ("wake_word", "setting", "expected"),
+    [("hey_jarvis", None, 0.985), ("hey_mycroft", None, 0.975), ("okay_nabu", None, "own"),
+     ("alexa", None, "own"), ("hey_jarvis", 0.9, 0.9)],
+)  # fmt: skip
+def test_the_cutoff_is_the_setting_else_the_measured_one_else_the_models_own(
+    wake_word: str, setting: float | None, expected: float | str
+) -> None:
+    detector = wakeword.WakeWordDetector(wake_word, cutoff=setting, refractory_ms=0)
+    own = json.loads(
+        (Path(pymicro_wakeword.__file__).parent / "models" / f"{wake_word}.json").read_text()
+    )["micro"]["probability_cutoff"]
+    assert detector.model.own_cutoff == own
+    assert detector.model.cutoff == (own if expected == "own" else expected)
+
+
 @pytest.mark.parametrize(("key", "value"), [("wake_cutoff", "1.5"), ("wake_cutoff", "0"),
                                             ("wake_refractory_ms", "-1"), ("vad", "cobra"),
                                             ("noise_suppression", "5"), ("auto_gain_dbfs", "32"),
@@ -101,14 +118,14 @@ def test_the_empty_wake_word_is_todays_any_speech_trigger() -> None:
 
 
 class Button:
-    def pending(self):  # noqa: ANN201
+    def pending(self):
         return None
 
 
 def test_a_runtime_that_cannot_load_falls_back_to_the_button_and_says_so_once(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def broken(wake_word: str):  # noqa: ANN202
+    def broken(wake_word: str):
         raise OSError("libtensorflowlite_c.so: cannot open shared object file")
 
     monkeypatch.setattr("pymicro_wakeword.MicroWakeWord.from_builtin", broken)

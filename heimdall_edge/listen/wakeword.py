@@ -19,6 +19,11 @@ from heimdall_edge.settings import BUILTIN_WAKE_WORDS, ListeningSettings
 log = logging.getLogger(__name__)
 
 
+MEASURED_CUTOFFS = {"hey_jarvis": 0.985, "hey_mycroft": 0.975}
+"""Built-ins whose own cutoff woke on talk in bench/room.py (once in 30 minutes of talk, babble and
+noise): the lowest cutoff tried there that woke on none of it. The others keep their own."""
+
+
 class WakeWordError(RuntimeError):
     """The wake-word runtime or model cannot be used here; the message says what to do."""
 
@@ -30,6 +35,9 @@ class WakeModel:
     name: str
     phrase: str
     cutoff: float
+    """The probability that wakes it: the setting, else MEASURED_CUTOFFS, else own_cutoff."""
+    own_cutoff: float
+    """The cutoff the model's author calibrated (its .json's probability_cutoff)."""
 
 
 class WakeWord(Protocol):
@@ -53,10 +61,11 @@ class WakeWordDetector:
         """Load `wake_word` (a built-in name or a model .json); WakeWordError if it cannot run here."""
         self._wake_word = wake_word
         self._model, self._features = _load(wake_word)
+        own = float(self._model.probability_cutoff)
+        if cutoff is None:
+            cutoff = MEASURED_CUTOFFS.get(wake_word, own)
         self.model = WakeModel(
-            name=self._model.id,
-            phrase=self._model.wake_word,
-            cutoff=cutoff if cutoff is not None else float(self._model.probability_cutoff),
+            name=self._model.id, phrase=self._model.wake_word, cutoff=cutoff, own_cutoff=own
         )
         self._refractory_frames = -(-refractory_ms // FRAME_MS)
         self._quiet_for = 0
