@@ -134,8 +134,16 @@ def _open_voice_cache(settings: Settings) -> VoiceCache | None:
 def build_syncer(
     settings: Settings, spool: Spool, connectivity: Connectivity | None = None
 ) -> Syncer:
-    """The store-and-forward syncer; with no bucket set it keeps captures local (and still keeps the quota)."""
-    config = StoreConfig.from_settings(settings)
+    """The store-and-forward syncer; with no bucket set it keeps captures local (and still keeps the quota).
+
+    A store that cannot be configured (no region anywhere, say) turns sync off with one error
+    line rather than stopping the service: captures wait on the device until it is fixed.
+    """
+    try:
+        config = StoreConfig.from_settings(settings)
+    except SettingsError as exc:
+        log.error("sync is off until this is fixed (captures wait on the device): %s", exc)
+        config = None
     resilience = settings.resilience
     breaker = CircuitBreaker(
         "s3",

@@ -49,6 +49,7 @@ import hashlib
 import logging
 import math
 import mimetypes
+import os
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -144,13 +145,32 @@ class StoreConfig:
             bucket=settings.s3_bucket,
             prefix=settings.s3_prefix,
             table=settings.dynamodb_table or None,
-            region=sync.region,
+            region=sync.region or _chain_region(),
             s3_endpoint_url=settings.s3_endpoint_url,
             dynamodb_endpoint_url=settings.dynamodb_endpoint_url,
             sse=sync.sse,
             kms_key_id=sync.kms_key_id,
             multipart_threshold_bytes=int(sync.multipart_threshold_mb * MiB),
         )
+
+
+def _chain_region() -> str:
+    """AWS_REGION (the SDKs' and AWS CLI v2's first choice), else boto3's own chain
+    (AWS_DEFAULT_REGION, the profile's region); an error if there is none."""
+    from heimdall_edge.settings import SettingsError, is_aws_region
+
+    region = os.environ.get("AWS_REGION") or boto3.session.Session().region_name
+    if not region:
+        raise SettingsError(
+            "no AWS region for the bucket and table: set sync.region (HEIMDALL_SYNC__REGION), "
+            "AWS_REGION, or a region in the AWS profile"
+        )
+    if not is_aws_region(region):
+        raise SettingsError(
+            f"the AWS region {region!r} (from AWS_REGION, AWS_DEFAULT_REGION or the profile) is "
+            "not an AWS region: fix it there or set sync.region (HEIMDALL_SYNC__REGION)"
+        )
+    return region
 
 
 class StoreError(CloudError):

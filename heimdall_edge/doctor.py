@@ -258,7 +258,10 @@ def _sync(settings: Settings) -> Check:
     with Spool(settings.spool_dir) as spool:
         counts = spool.counts()
     waiting = f"{counts.get('pending', 0)} pending, {counts.get('failed', 0)} failed, {counts.get('synced', 0)} synced"
-    config = StoreConfig.from_settings(settings)
+    try:
+        config = StoreConfig.from_settings(settings)
+    except SettingsError as exc:
+        return Check(Level.FAIL, "sync", f"{exc}; captures wait on the device ({waiting})")
     if config is None:
         return Check(
             Level.WARN,

@@ -242,8 +242,8 @@ class VoiceCacheSettings(Section):
 
 
 class SyncSettings(Section):
-    region: str = "eu-west-1"
-    """AWS region of the bucket and the table."""
+    region: str | None = None
+    """AWS region of the bucket and the table (e.g. "eu-west-1"). Unset: the standard chain (AWS_REGION, AWS_DEFAULT_REGION, the profile's region)."""
     sse: Literal["AES256", "aws:kms"] = "AES256"
     """Server-side encryption of every object: S3-managed keys, or KMS with kms_key_id."""
     kms_key_id: str | None = None
@@ -264,6 +264,29 @@ class SyncSettings(Section):
     """Longest wait between attempts while the store is unreachable (exponential backoff with jitter)."""
     interval_s: Annotated[float, Field(gt=0, le=86_400)] = 60.0
     """How often the syncer looks for work when nothing wakes it (a new capture or connectivity returning does)."""
+
+    @field_validator("region")
+    @classmethod
+    def _region_exists(cls, value: str | None) -> str | None:
+        if value is not None and not is_aws_region(value):
+            raise ValueError(
+                f"{value!r} is not an AWS region: use one such as eu-west-1 or us-east-1 "
+                "(aws ec2 describe-regions lists them), or leave it unset to take AWS_REGION"
+            )
+        return value
+
+
+def is_aws_region(name: str) -> bool:
+    """Whether `name` has the shape of a region in one of botocore's partitions (aws, aws-cn, ...).
+
+    The shape, not a fixed list, so a region newer than the installed botocore still passes.
+    """
+    import re
+
+    import botocore.loaders
+
+    partitions = botocore.loaders.create_loader().load_data("endpoints")["partitions"]
+    return any(re.fullmatch(partition["regionRegex"], name) for partition in partitions)
 
 
 class EngineSettings(Section):

@@ -202,6 +202,52 @@ def test_config_from_settings() -> None:
         StoreConfig(bucket="b", prefix="", table=None, region="r", part_size_bytes=MiB)
 
 
+@pytest.mark.parametrize(
+    ("setting", "environment", "profile", "expected"),
+    [
+        (None, {"AWS_REGION": "eu-north-1", "AWS_DEFAULT_REGION": "us-east-2"}, None, "eu-north-1"),
+        (None, {"AWS_DEFAULT_REGION": "us-east-2"}, None, "us-east-2"),
+        (None, {}, "ap-southeast-2", "ap-southeast-2"),
+        ("ca-central-1", {"AWS_REGION": "eu-north-1"}, None, "ca-central-1"),
+    ],
+)
+def test_the_region_comes_from_the_standard_chain_unless_set(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    setting: str | None,
+    environment: dict[str, str],
+    profile: str | None,
+    expected: str,
+) -> None:
+    use_aws_test_env(monkeypatch)
+    monkeypatch.delenv("AWS_REGION")
+    monkeypatch.delenv("AWS_DEFAULT_REGION")
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    if profile is not None:
+        (tmp_path / "config").write_text(f"[default]\nregion = {profile}\n")
+        monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    sync = {} if setting is None else {"region": setting}
+    config = StoreConfig.from_settings(Settings(s3_bucket="b-1", sync=sync))
+    assert config is not None and config.region == expected
+
+
+def test_no_region_anywhere_or_a_made_up_one_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    use_aws_test_env(monkeypatch)
+    monkeypatch.delenv("AWS_REGION")
+    monkeypatch.delenv("AWS_DEFAULT_REGION")
+    with pytest.raises(SettingsError, match=r"no AWS region .*sync\.region .*AWS_REGION"):
+        StoreConfig.from_settings(Settings(s3_bucket="b-1"))
+    monkeypatch.setenv("AWS_REGION", "mars-north-1")
+    with pytest.raises(SettingsError, match=r"'mars-north-1' .*not an AWS region"):
+        StoreConfig.from_settings(Settings(s3_bucket="b-1"))
+    with pytest.raises(ValueError, match=r"'eu-west' is not an AWS region"):
+        Settings(s3_bucket="b-1", sync={"region": "eu-west"})
+    assert Settings(sync={"region": "cn-north-1"}).sync.region == "cn-north-1"
+
+
 def test_one_attempt_per_call_and_botocores_max_attempts_trap(aws: MotoServer) -> None:
     """total_max_attempts=1 is one request; botocore's retries={"max_attempts": 1} is two."""
     store = make_store(aws)

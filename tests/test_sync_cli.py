@@ -120,3 +120,32 @@ def test_doctor_checks_the_store(store: MotoServer) -> None:
         if line.split(":")[0].endswith("sync")
     ]
     assert line.startswith("FAIL sync: ") and "pending" in line
+
+
+def test_the_region_comes_from_aws_region_and_without_one_captures_wait(
+    store: MotoServer, speech_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("HEIMDALL_SYNC__REGION")
+    monkeypatch.delenv("AWS_DEFAULT_REGION")
+    monkeypatch.setenv("AWS_REGION", DEFAULT_REGION)  # the bucket's region, from the chain only
+    assert heimdall("demo", "--input", str(speech_dir / "sr_english.wav")).returncode == 0
+    done = heimdall("sync", "--once", "--json")
+    assert done.returncode == 0 and json.loads(done.stdout)["synced"] == 1, done.stderr
+
+    monkeypatch.delenv("AWS_REGION")
+    kept = heimdall("demo", "--input", str(speech_dir / "sr_english.wav"))
+    assert kept.returncode == 0, kept.stderr
+    [line] = [
+        ln for ln in heimdall("doctor").stdout.splitlines() if ln.split(":")[0].endswith("sync")
+    ]
+    assert line.startswith("FAIL sync: no AWS region") and "sync.region" in line
+    assert "1 pending" in line
+    refused = heimdall("sync", "--once")
+    assert refused.returncode != 0 and "no AWS region" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    monkeypatch.setenv("HEIMDALL_LISTENING__WAKE_WORD", "")  # the recording has no wake word
+    service = heimdall("run", "--simulate", "--fast", "--input", str(speech_dir / "sr_english.wav"))
+    assert service.returncode == 0, service.stderr[-2000:]
+    assert service.stderr.count("sync is off until this is fixed") == 1
+    states = [c["sync_state"] for c in json.loads(heimdall("captures", "--json").stdout)]
+    assert sorted(states) == ["pending", "pending", "synced"]
