@@ -358,7 +358,9 @@ CHECKED_ON_DISK: dict[tuple[str | None, str], st.SearchStrategy[Any]] = {
     # Any string is a type match, but only a built-in name, "" or a real model file is valid.
     ("listening", "wake_word"): st.sampled_from([*BUILTIN_WAKE_WORDS, ""]),
     # Any string is a type match, but only a region's shape in one of AWS's partitions is valid.
-    ("sync", "region"): st.sampled_from(["eu-west-1", "us-gov-west-1", "cn-north-1", "il-central-1"]),
+    ("sync", "region"): st.sampled_from(
+        ["eu-west-1", "us-gov-west-1", "cn-north-1", "il-central-1"]
+    ),
 }
 
 
