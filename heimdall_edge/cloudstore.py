@@ -46,6 +46,7 @@ import base64
 import contextlib
 import enum
 import hashlib
+import io
 import logging
 import math
 import mimetypes
@@ -297,6 +298,19 @@ class CaptureStore:
                 return self._put_multipart(key, path, reader, size, sha256_hex, meta)
             return self._put_single(key, path, reader, sha256_hex, meta)
 
+    def put_bytes(self, key: str, body: bytes, *, metadata: dict[str, str]) -> PutResult:
+        """Store small `body` under `key` once (a capture's manifest), as put_file does a file."""
+        sha256_hex = hashlib.sha256(body).hexdigest()
+        meta = {**metadata, SHA256_META: sha256_hex}
+        return self._put_single(key, Path(key), io.BytesIO(body).read, sha256_hex, meta)
+
+    def manifest_key(self, record: CaptureRecord) -> str:
+        """Where the record of one revision goes: capture.r<revision>.json beside the files.
+
+        One object per revision, never overwritten; the highest revision is the current one.
+        """
+        return self.object_key(record, f"capture.r{record.revision}.json")
+
     def _put_single(
         self, key: str, path: Path, read: Read, sha256_hex: str, meta: dict[str, str]
     ) -> PutResult:
@@ -496,9 +510,11 @@ class CaptureStore:
     # --- index ----------------------------------------------------------------------------------
 
     def put_index(self, item: dict[str, Any]) -> PutResult:
-        """Write the index item once (see `index_item`); ALREADY_THERE if it exists.
+        """Write the index item (see `index_item`) unless one of the same or a newer revision is there.
 
-        An item without "s3_bucket" gets this store's bucket.
+        Newer replaces older, never the reverse (a conditional write on "revision"):
+        ALREADY_THERE when the table holds this revision or a later one. An item without
+        "s3_bucket" gets this store's bucket.
         """
         table = self.config.table
         if not table:
@@ -522,7 +538,12 @@ class CaptureStore:
             self._ddb.put_item(
                 TableName=table,
                 Item=typed,
-                ConditionExpression="attribute_not_exists(capture_id)",
+                ConditionExpression=(
+                    "attribute_not_exists(capture_id) OR attribute_not_exists(#revision)"
+                    " OR #revision < :revision"
+                ),
+                ExpressionAttributeNames={"#revision": "revision"},
+                ExpressionAttributeValues={":revision": typed["revision"]},
             )
         except botocore.exceptions.ClientError as exc:
             if _code(exc) == "ConditionalCheckFailedException":
@@ -620,6 +641,7 @@ def index_item(
         "sha256": {name: record.files[name]["sha256"] for name in keys if name in record.files},
         "synced_at": iso_utc(synced_at or datetime.now(UTC)),
         "schema_version": record.schema_version,
+        "revision": record.revision,
         "extra": dict(record.extra) or None,
     }
     return {name: value for name, value in item.items() if value is not None}

@@ -58,6 +58,8 @@ SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 UPDATABLE = frozenset(
     {"transcript", "reply", "engines", "timings_ms", "status", "error", "sync_state", "extra"}
 )
+CONTENT = UPDATABLE - {"sync_state", "extra"}
+"""What a person said and what became of it: a change to any of these is a new revision."""
 RECORD_KEYS = (
     "schema_version", "capture_id", "device_id", "created_at", "trigger", "files",
     "transcript", "reply", "engines", "timings_ms", "status", "error", "sync_state", "extra",
@@ -111,6 +113,18 @@ class CaptureRecord:
     extra: dict[str, Any] = field(default_factory=dict)
     """Room for fields that a later version adds, so older readers still load the record."""
     schema_version: int = SCHEMA_VERSION
+    revision: int = 1
+    """Bumped by every change to the files or the content (CONTENT); the copy in the cloud is
+    only current when it was uploaded at this revision (Spool.mark_synced checks it)."""
+
+    def manifest(self) -> bytes:
+        """The record as the bucket keeps it for this revision: content and files, no sync state.
+
+        The same revision always gives the same bytes, so an upload retried after a crash
+        finds its object already there.
+        """
+        data = {k: v for k, v in self.to_dict().items() if k not in ("sync_state", "extra")}
+        return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -128,6 +142,7 @@ class CaptureRecord:
             "error": self.error,
             "sync_state": self.sync_state,
             "extra": dict(self.extra),
+            "revision": self.revision,
         }
 
     @classmethod
@@ -153,6 +168,9 @@ class CaptureRecord:
         device_id = _typed(data, "device_id", str)
         if not device_id:
             raise SpoolError("capture record field 'device_id' is empty")
+        revision = _typed(data, "revision", int) if "revision" in data else 1  # older records
+        if revision < 1:
+            raise SpoolError(f"capture record field 'revision' must be >= 1, got {revision}")
         return cls(
             schema_version=version,
             capture_id=capture_id,
@@ -168,6 +186,7 @@ class CaptureRecord:
             error=_typed(data, "error", str, optional=True),
             sync_state=_choice(data, "sync_state", SYNC_STATES),  # type: ignore[arg-type]
             extra=_typed(data, "extra", dict),
+            revision=revision,
         )
 
 
@@ -342,7 +361,11 @@ class Spool:
                         "add it under another name"
                     )
                 files = {**record.files, name: _file_info(data)}
-                record = _validated(dataclasses.replace(record, files=files))
+                record = _validated(
+                    dataclasses.replace(
+                        record, files=files, revision=record.revision + 1, sync_state="pending"
+                    )
+                )
                 self._put_row(record)
                 os.rename(temp, folder / name)
                 renamed = True
@@ -360,7 +383,11 @@ class Spool:
         return record
 
     def update(self, capture_id: str, /, **fields: Any) -> CaptureRecord:
-        """Record what became of a capture (transcript, reply, engines, timings, states)."""
+        """Record what became of a capture (transcript, reply, engines, timings, states).
+
+        A change to its content is a new revision and puts it back to pending (unless
+        `sync_state` is given too), so the cloud copy follows.
+        """
         unknown = fields.keys() - UPDATABLE
         if unknown:
             raise SpoolError(
@@ -370,11 +397,35 @@ class Spool:
         folder = self._folder(capture_id)
         try:
             with self._transaction():
-                record = _validated(dataclasses.replace(_read_record(folder), **fields))
+                record = _read_record(folder)
+                if any(getattr(record, k) != v for k, v in fields.items() if k in CONTENT):
+                    fields = {"sync_state": "pending", **fields, "revision": record.revision + 1}
+                record = _validated(dataclasses.replace(record, **fields))
                 self._put_row(record)
                 durable.replace_file(folder / RECORD_NAME, _record_file_bytes(record))
         except (OSError, sqlite3.Error) as exc:
             raise self._storage_error(exc, f"capture {capture_id} was not updated") from exc
+        return record
+
+    def mark_synced(
+        self, capture_id: str, revision: int, extra: dict[str, Any]
+    ) -> CaptureRecord | None:
+        """Mark a capture synced if it is still at the `revision` that was uploaded.
+
+        None if it changed meanwhile (a reply added, a transcript upgraded): it stays
+        pending, and the next pass uploads the new revision.
+        """
+        folder = self._folder(capture_id)
+        try:
+            with self._transaction():
+                record = _read_record(folder)
+                if record.revision != revision:
+                    return None
+                record = _validated(dataclasses.replace(record, sync_state="synced", extra=extra))
+                self._put_row(record)
+                durable.replace_file(folder / RECORD_NAME, _record_file_bytes(record))
+        except (OSError, sqlite3.Error) as exc:
+            raise self._storage_error(exc, f"capture {capture_id} was not marked synced") from exc
         return record
 
     def get(self, capture_id: str) -> CaptureRecord:

@@ -5,10 +5,15 @@ idempotent, and is marked synced in the spool only after all of them were confir
 
 1. its files are checked against the SHA-256 in its record (a damaged capture is
    quarantined, counted and logged; the rest carry on);
-2. every file is put under a deterministic key with a conditional write (S3
-   `If-None-Match: *`): a retry after a crash finds the object already there and
-   writes nothing;
-3. then, with a table set, one index item is put with a conditional write too.
+2. every file, and the record of this revision (capture.r<revision>.json), is put
+   under a deterministic key with a conditional write (S3 `If-None-Match: *`): a
+   retry after a crash finds the object already there and writes nothing;
+3. then, with a table set, one index item is put, conditionally on the revision
+   (newer replaces older, never the reverse); and the capture is marked synced
+   only if it is still at the revision that went up (Spool.mark_synced).
+
+A capture that changes later (a reply, an upgraded transcript) is a new revision,
+pending again, and goes up again: new files and a new record, nothing overwritten.
 
 So a crash (or a cut network) anywhere leaves the capture pending, and the next
 attempt completes it without writing anything twice: each capture ends up once in
@@ -53,7 +58,14 @@ from heimdall_edge.resilience import (
     ErrorKind,
 )
 from heimdall_edge.settings import SyncSettings
-from heimdall_edge.spool import CaptureNotFoundError, CaptureRecord, Spool, SpoolError, iso_utc
+from heimdall_edge.spool import (
+    RECORD_NAME,
+    CaptureNotFoundError,
+    CaptureRecord,
+    Spool,
+    SpoolError,
+    iso_utc,
+)
 
 if TYPE_CHECKING:
     from heimdall_edge.cloudstore import CaptureStore
@@ -146,6 +158,7 @@ class Outcome(enum.Enum):
     ALREADY_SYNCED = "already_synced"  # another process (the CLI, the service) got there first
     QUARANTINED = "quarantined"
     GONE = "gone"  # deleted (quota, another process) while we looked at it
+    CHANGED = "changed"  # a new revision came while this one went up: still pending
 
 
 @dataclass(frozen=True)
@@ -371,6 +384,17 @@ class Syncer:
             if progress is not None:
                 progress(name, info["bytes"])
 
+        # The record of this revision, so the bucket alone describes the capture.
+        manifest = store.manifest_key(current)
+        put = await self._call(
+            store.put_bytes, manifest, current.manifest(), metadata=_metadata(current, RECORD_NAME)
+        )
+        if put is PutResult.WRITTEN:
+            written += 1
+        else:
+            already += 1
+        keys[RECORD_NAME] = manifest
+
         synced_at = self._now()
         if self._has_index(store):
             item = index_item(current, keys, sizes, synced_at=synced_at)
@@ -388,10 +412,19 @@ class Syncer:
             "synced_at": iso_utc(synced_at),
         }
         try:
-            await asyncio.to_thread(self.spool.update, capture_id, sync_state="synced", extra=extra)
+            marked = await asyncio.to_thread(
+                self.spool.mark_synced, capture_id, current.revision, extra
+            )
         except CaptureNotFoundError:
             log.info("capture %s reached the cloud but left the spool meanwhile", capture_id)
             return CaptureResult(capture_id, Outcome.GONE, sent, written, already, keys)
+        if marked is None:
+            log.info(
+                "capture %s changed while revision %d went up: the new one goes next",
+                capture_id,
+                current.revision,
+            )
+            return CaptureResult(capture_id, Outcome.CHANGED, sent, written, already, keys)
         log.info(
             "synced capture %s: %d files, %d bytes uploaded%s",
             capture_id,
@@ -1012,6 +1045,8 @@ class Syncer:
             report.reached_store = True
             self._count("synced")
             self._count("bytes", result.bytes)
+        elif result.outcome is Outcome.CHANGED:
+            report.reached_store = True
         elif result.outcome is Outcome.QUARANTINED:
             report.quarantined += 1
 

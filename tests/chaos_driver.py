@@ -761,10 +761,18 @@ class Chaos:
         if unsynced:
             fail(f"{len(unsynced)} captures not synced after the drain: {unsynced[:10]}")
         wanted: dict[str, tuple[str, str]] = {}  # key -> (capture id, file)
+        superseded: set[str] = set()  # the records of revisions before each capture's last
         for cid, r in records.items():
             keys = r.extra.get("s3_keys") or {}
-            if r.sync_state == "synced" and set(keys) != set(r.files):
-                fail(f"capture {cid}: synced keys {sorted(keys)} != files {sorted(r.files)}")
+            if r.sync_state == "synced" and set(keys) != {*r.files, "capture.json"}:
+                fail(
+                    f"capture {cid}: synced keys {sorted(keys)} != files {sorted(r.files)} + record"
+                )
+            manifest = keys.get("capture.json", "")
+            if r.sync_state == "synced" and not manifest.endswith(f"/capture.r{r.revision}.json"):
+                fail(f"capture {cid}: the record in S3 ({manifest}) is not revision {r.revision}")
+            for revision in range(1, r.revision):
+                superseded.add(manifest.replace(f".r{r.revision}.json", f".r{revision}.json"))
             for name, key in keys.items():
                 wanted[key] = (cid, name)
         s3, ddb = server.client("s3"), server.client("dynamodb")
@@ -780,7 +788,7 @@ class Chaos:
         twice = sorted(k for k, n in per_key.items() if n > 1)
         if twice:
             fail(f"{len(twice)} S3 keys written more than once: {twice[:5]}")
-        orphans = sorted(per_key.keys() - wanted.keys())
+        orphans = sorted(per_key.keys() - wanted.keys() - superseded)
         if orphans:
             fail(f"{len(orphans)} S3 objects belong to no capture in the spool: {orphans[:5]}")
         absent = sorted(wanted.keys() - per_key.keys())
@@ -790,7 +798,11 @@ class Chaos:
             if key not in per_key:
                 continue
             data = s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
-            if hashlib.sha256(data).hexdigest() != records[cid].files[name]["sha256"]:
+            if name == "capture.json":
+                expected = hashlib.sha256(records[cid].manifest()).hexdigest()
+            else:
+                expected = records[cid].files[name]["sha256"]
+            if hashlib.sha256(data).hexdigest() != expected:
                 fail(f"{key}: the bytes in S3 are not those the spool recorded")
         items: list[dict[str, Any]] = []
         for page in ddb.get_paginator("scan").paginate(TableName=TABLE):
@@ -815,6 +827,8 @@ class Chaos:
             indexed = {name: value["S"] for name, value in item["s3_keys"]["M"].items()}
             if indexed != record.extra.get("s3_keys"):
                 fail(f"DynamoDB item of {record.capture_id} points at other keys: {indexed}")
+            if int(item.get("revision", {"N": "0"})["N"]) != record.revision:
+                fail(f"DynamoDB item of {record.capture_id} is behind revision {record.revision}")
         uploads = s3.list_multipart_uploads(Bucket=BUCKET).get("Uploads", [])
         if uploads:
             fail(f"{len(uploads)} multipart uploads left open")

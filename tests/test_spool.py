@@ -306,8 +306,8 @@ def test_threads_share_one_spool(spool: Spool) -> None:
     def work(n: int) -> None:
         for i in range(8):
             record = make(spool, when=T0 + timedelta(seconds=n * 100 + i), trigger="voice")
-            spool.update(record.capture_id, sync_state="synced" if i % 2 else "pending")
             spool.add_file(record.capture_id, "reply.wav", bytes([n, i]))
+            spool.update(record.capture_id, sync_state="synced" if i % 2 else "pending")
 
     threads = [threading.Thread(target=work, args=(n,)) for n in range(6)]
     for thread in threads:
@@ -819,3 +819,41 @@ def test_a_failed_delete_keeps_the_capture_whole(
     assert spool.get(record.capture_id) == record
     assert spool.verify(record.capture_id) == []
     assert leftovers(root) == [f"captures/{record.capture_id}"]
+
+
+def test_every_change_to_a_capture_is_a_new_revision_and_pending_again(
+    spool: Spool, root: Path
+) -> None:
+    record = make(spool)
+    assert (record.revision, record.sync_state) == (1, "pending")
+    assert spool.update(record.capture_id, sync_state="synced").revision == 1  # bookkeeping
+    assert spool.update(record.capture_id, extra={"note": 1}).revision == 1
+    changed = spool.update(record.capture_id, transcript="hello")
+    assert (changed.revision, changed.sync_state) == (2, "pending")
+    spool.update(record.capture_id, sync_state="synced")
+    same = spool.update(record.capture_id, transcript="hello")  # nothing new
+    assert (same.revision, same.sync_state) == (2, "synced")
+    added = spool.add_file(record.capture_id, "reply.wav", b"RIFF")
+    assert (added.revision, added.sync_state) == (3, "pending")
+    with reopen(root) as again:  # capture.json and the index row agree after a restart
+        assert again.get(record.capture_id) == added
+
+
+def test_marking_synced_is_a_compare_and_set_on_the_uploaded_revision(spool: Spool) -> None:
+    record = make(spool)
+    uploaded = spool.update(record.capture_id, transcript="hello")
+    spool.update(record.capture_id, reply="hi")  # arrives while revision 2 goes up
+    assert spool.mark_synced(record.capture_id, uploaded.revision, {"s3_keys": {}}) is None
+    assert spool.get(record.capture_id).sync_state == "pending"
+    current = spool.get(record.capture_id)
+    marked = spool.mark_synced(record.capture_id, current.revision, {"s3_keys": {}})
+    assert marked is not None and marked.sync_state == "synced"
+    assert spool.get(record.capture_id) == marked
+
+
+def test_a_record_from_before_revisions_loads_as_revision_1(spool: Spool) -> None:
+    data = make(spool).to_dict()
+    del data["revision"]
+    assert CaptureRecord.from_dict(data).revision == 1
+    with pytest.raises(SpoolError, match="'revision' must be >= 1"):
+        CaptureRecord.from_dict({**data, "revision": 0})

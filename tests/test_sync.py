@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import os
 import threading
@@ -22,7 +23,7 @@ import pytest
 from moto_server import MotoServer, use_aws_test_env
 from shared import FakeClock, until
 
-from heimdall_edge.cloudstore import CaptureStore, PutResult, StoreConfig
+from heimdall_edge.cloudstore import CaptureStore, PutResult, StoreConfig, index_item
 from heimdall_edge.connectivity import Connectivity
 from heimdall_edge.resilience import BreakerState, CircuitBreaker, ErrorKind
 from heimdall_edge.settings import SyncSettings
@@ -123,9 +124,12 @@ def items(moto: MotoServer) -> list[dict[str, Any]]:
     return moto.client("dynamodb").scan(TableName=TABLE)["Items"]
 
 
+def moto_body(moto: MotoServer, key: str) -> bytes:
+    return moto.client("s3").get_object(Bucket=BUCKET, Key=key)["Body"].read()
+
+
 def body_sha(moto: MotoServer, key: str) -> str:
-    data = moto.client("s3").get_object(Bucket=BUCKET, Key=key)["Body"].read()
-    return hashlib.sha256(data).hexdigest()
+    return hashlib.sha256(moto_body(moto, key)).hexdigest()
 
 
 def tamper(spool: Spool, record: CaptureRecord) -> None:
@@ -163,7 +167,7 @@ async def test_captures_kept_while_the_store_is_down_are_delivered_once_it_is_ba
     assert (up.synced, up.failed, up.already_there, up.pending) == (3, 0, 0, 0)
     total = sum(info["bytes"] for r in records for info in r.files.values())
     assert up.bytes == total
-    assert up.written == sum(len(r.files) for r in records) + 3  # objects + index items
+    assert up.written == sum(len(r.files) for r in records) + 3 + 3  # files, manifests, items
     assert seen[-1].captures_done == seen[-1].captures_total == 3
     assert seen[-1].bytes_done == seen[-1].bytes_total == total
 
@@ -172,9 +176,14 @@ async def test_captures_kept_while_the_store_is_down_are_delivered_once_it_is_ba
     for record in records:
         synced = spool.get(record.capture_id)
         assert synced.sync_state == "synced"
-        assert set(synced.extra["s3_keys"]) == set(record.files)
+        assert set(synced.extra["s3_keys"]) == {*record.files, "capture.json"}
         assert synced.extra["synced_at"] and synced.extra["s3_bucket"] == BUCKET
         for name, key in synced.extra["s3_keys"].items():
+            if name == "capture.json":  # this revision's record, content and files
+                assert key == store.manifest_key(synced)
+                expected[key] = hashlib.sha256(synced.manifest()).hexdigest()
+                assert json.loads(moto_body(moto, key))["transcript"] == synced.transcript
+                continue
             assert key == store.object_key(record, name)
             expected[key] = record.files[name]["sha256"]
     assert set(stored) == set(expected)
@@ -231,16 +240,85 @@ async def test_sync_capture_marks_synced_only_after_s3_and_the_index(
     with pytest.raises(Exception, match="table 'heimdall-captures' does not exist") as caught:
         await asyncio.wait_for(sync.sync_capture(record), TIMEOUT)
     assert getattr(caught.value, "kind", None) is ErrorKind.CLIENT
-    assert len(objects(moto)) == len(sent) == len(record.files)
+    assert len(sent) == len(record.files)
+    assert len(objects(moto)) == len(record.files) + 1  # and the revision's record
     assert spool.get(record.capture_id).sync_state == "pending"
 
     moto.create_table(TABLE)
     result = await asyncio.wait_for(sync.sync_capture(record), TIMEOUT)
     assert result.outcome is Outcome.SYNCED
-    assert (result.written, result.already_there, result.bytes) == (1, len(record.files), 0)
+    assert (result.written, result.already_there, result.bytes) == (1, len(record.files) + 1, 0)
     assert len(sent) == len(record.files)  # confirmed before: not sent again
     assert spool.get(record.capture_id).sync_state == "synced"
     assert len(items(moto)) == 1
+
+
+async def test_a_capture_changed_after_it_synced_goes_up_again_as_a_new_revision(
+    moto: MotoServer, store: CaptureStore, spool: Spool
+) -> None:
+    record = capture(spool)
+    sync = syncer(spool, store)
+    assert (await asyncio.wait_for(sync.sync_once(), TIMEOUT)).synced == 1
+    first = spool.get(record.capture_id)
+    before = objects(moto)
+
+    spool.add_file(record.capture_id, "late.wav", b"RIFF late")
+    changed = spool.update(record.capture_id, transcript="what time is it now")
+    assert (changed.sync_state, changed.revision) == ("pending", first.revision + 2)
+    again = await asyncio.wait_for(sync.sync_once(), TIMEOUT)
+    assert (again.synced, again.error) == (1, None)
+    assert again.written == 3  # late.wav, the new revision's record, the index item
+
+    now = spool.get(record.capture_id)
+    after = objects(moto)
+    assert {k: h["ETag"] for k, h in before.items()} == {k: after[k]["ETag"] for k in before}
+    assert set(after) - set(before) == {
+        store.object_key(now, "late.wav"),
+        store.manifest_key(now),
+    }
+    assert json.loads(moto_body(moto, store.manifest_key(now)))["transcript"] == now.transcript
+    [item] = items(moto)
+    assert (item["revision"]["N"], item["transcript"]["S"]) == (str(now.revision), now.transcript)
+    assert "late.wav" in item["s3_keys"]["M"]
+
+
+async def test_the_index_never_goes_back_to_an_older_revision(
+    moto: MotoServer, store: CaptureStore, spool: Spool
+) -> None:
+    record = capture(spool)
+    older = spool.get(record.capture_id)
+    newer = spool.update(record.capture_id, reply="It is noon.")
+    keys = {name: store.object_key(newer, name) for name in newer.files}
+    assert store.put_index(index_item(newer, keys)) is PutResult.WRITTEN
+    assert store.put_index(index_item(older, keys)) is PutResult.ALREADY_THERE
+    assert store.put_index(index_item(newer, keys)) is PutResult.ALREADY_THERE
+    [item] = items(moto)
+    assert (item["revision"]["N"], item["reply"]["S"]) == (str(newer.revision), "It is noon.")
+
+
+async def test_a_capture_that_changes_while_it_uploads_stays_pending_for_the_next_pass(
+    moto: MotoServer, spool: Spool
+) -> None:
+    record = capture(spool)
+    real = make_store(moto)
+
+    class ReplyArrivesMidUpload:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        def put_bytes(self, *args: Any, **kwargs: Any) -> PutResult:
+            if spool.get(record.capture_id).reply != "It is noon.":  # a late change, once
+                spool.update(record.capture_id, reply="It is noon.")
+            return real.put_bytes(*args, **kwargs)
+
+    sync = syncer(spool, ReplyArrivesMidUpload())  # type: ignore[arg-type]
+    result = await asyncio.wait_for(sync.sync_capture(spool.get(record.capture_id)), TIMEOUT)
+    assert result.outcome is Outcome.CHANGED
+    assert spool.get(record.capture_id).sync_state == "pending"
+    assert (await asyncio.wait_for(sync.sync_once(), TIMEOUT)).synced == 1
+    [item] = items(moto)
+    assert item["reply"]["S"] == "It is noon."
+    assert spool.get(record.capture_id).sync_state == "synced"
 
 
 async def test_without_a_table_only_s3_is_written(moto: MotoServer, spool: Spool) -> None:
@@ -248,8 +326,12 @@ async def test_without_a_table_only_s3_is_written(moto: MotoServer, spool: Spool
     report = await asyncio.wait_for(
         syncer(spool, make_store(moto, table=None)).sync_once(), TIMEOUT
     )
-    assert (report.synced, report.written, report.error) == (1, len(record.files), None)
+    assert (report.synced, report.written, report.error) == (1, len(record.files) + 1, None)
     assert items(moto) == []
+    # The bucket alone describes the capture: its record went up beside the files.
+    synced = spool.get(record.capture_id)
+    manifest = json.loads(moto_body(moto, make_store(moto).manifest_key(synced)))
+    assert manifest["transcript"] == synced.transcript and manifest["files"] == synced.files
 
 
 async def test_an_outage_in_the_middle_of_a_pass_leaves_the_rest_pending(
@@ -522,7 +604,7 @@ async def test_retention_zero_deletes_captures_right_after_they_synced(
     assert (report.synced, report.expired) == (2, 2)
     assert spool.list() == []
     assert len(items(moto)) == 2
-    assert len(objects(moto)) == sum(len(r.files) for r in records)
+    assert len(objects(moto)) == sum(len(r.files) + 1 for r in records)  # and their records
 
 
 def quota_spool(spool: Spool) -> tuple[list[CaptureRecord], list[CaptureRecord]]:

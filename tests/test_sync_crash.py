@@ -168,12 +168,15 @@ def test_every_capture_reaches_s3_and_dynamodb_exactly_once_across_sigkills(
     wanted: dict[str, str] = {}  # key -> sha256 the spool recorded
     for capture_id, record in records.items():
         assert record.files == expected[capture_id].files
-        keys = record.extra["s3_keys"]
+        keys = dict(record.extra["s3_keys"])
+        manifest = keys.pop("capture.json")  # the record of the revision that went up
+        assert capture_id in manifest and manifest.endswith(f"/capture.r{record.revision}.json")
+        wanted[manifest] = hashlib.sha256(record.manifest()).hexdigest()
         assert set(keys) == set(record.files)
         for name, key in keys.items():
             assert capture_id in key and key.endswith("/" + name)
             wanted[key] = record.files[name]["sha256"]
-    assert len(wanted) == 2 * CAPTURES
+    assert len(wanted) == 3 * CAPTURES
 
     # S3: each key exactly once (one version, never overwritten), bytes as recorded.
     versions: list[dict[str, Any]] = []
@@ -188,7 +191,7 @@ def test_every_capture_reaches_s3_and_dynamodb_exactly_once_across_sigkills(
     for key, sha in wanted.items():
         data = s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
         assert hashlib.sha256(data).hexdigest() == sha, key
-        stored_bytes += len(data)
+        stored_bytes += 0 if key.endswith(".json") else len(data)
     assert stored_bytes == total_bytes
 
     # No multipart upload left behind by any of the kills.
