@@ -8,6 +8,7 @@ fails) and the journal gets the detail. Every stage is timed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -122,6 +123,7 @@ class Interaction:
                     trigger=utterance.trigger,
                     audio_wav=utterance.audio.to_wav(),
                     frames=frames,
+                    leased=True,
                 )
             except SpoolFullError as exc:
                 log.error("capture not kept: %s", exc)
@@ -256,10 +258,13 @@ class Interaction:
                 timings_ms=result.timings_ms,
                 status="failed" if result.error else "complete",
                 error=result.error,
+                lease=None,
             )
         except Exception:
             # The audio is already safe; losing the metadata update must not kill the loop.
             log.exception("could not record the outcome of capture %s", result.capture_id)
+            with contextlib.suppress(Exception):  # let it sync as it is, as after a crash
+                await asyncio.to_thread(self._spool.update, result.capture_id, lease=None)
 
     def _pending_count(self) -> int:
         return self._spool.counts().get("pending", 0)

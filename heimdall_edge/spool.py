@@ -16,6 +16,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
@@ -33,7 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, Self, TypedDict, get_args
 
-from heimdall_edge import durable
+from heimdall_edge import durable, lease
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +51,17 @@ AUDIO_NAME = "audio.wav"
 RECORD_NAME = "capture.json"
 INDEX_NAME = "index.sqlite3"
 LOCK_NAME = "spool.lock"
+EVICT_LOCK_NAME = "evict.lock"
 BUSY_TIMEOUT_S = 10.0
 
 CAPTURE_ID = re.compile(r"\d{8}T\d{9}Z-[0-9a-f]{8}")
 FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 UPDATABLE = frozenset(
-    {"transcript", "reply", "engines", "timings_ms", "status", "error", "sync_state", "extra"}
-)
-CONTENT = UPDATABLE - {"sync_state", "extra"}
+    {"transcript", "reply", "engines", "timings_ms", "status", "error", "sync_state", "extra",
+     "lease"}
+)  # fmt: skip
+CONTENT = UPDATABLE - {"sync_state", "extra", "lease"}
 """What a person said and what became of it: a change to any of these is a new revision."""
 RECORD_KEYS = (
     "schema_version", "capture_id", "device_id", "created_at", "trigger", "files",
@@ -113,6 +116,9 @@ class CaptureRecord:
     extra: dict[str, Any] = field(default_factory=dict)
     """Room for fields that a later version adds, so older readers still load the record."""
     schema_version: int = SCHEMA_VERSION
+    lease: dict[str, Any] | None = None
+    """The process recording this capture's turn (lease.this_process()); None once the turn is
+    recorded. A lease whose process is gone (lease.is_held) is a turn cut short."""
     revision: int = 1
     """Bumped by every change to the files or the content (CONTENT); the copy in the cloud is
     only current when it was uploaded at this revision (Spool.mark_synced checks it)."""
@@ -123,7 +129,9 @@ class CaptureRecord:
         The same revision always gives the same bytes, so an upload retried after a crash
         finds its object already there.
         """
-        data = {k: v for k, v in self.to_dict().items() if k not in ("sync_state", "extra")}
+        data = {
+            k: v for k, v in self.to_dict().items() if k not in ("sync_state", "extra", "lease")
+        }
         return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
 
     def to_dict(self) -> dict[str, Any]:
@@ -142,6 +150,7 @@ class CaptureRecord:
             "error": self.error,
             "sync_state": self.sync_state,
             "extra": dict(self.extra),
+            "lease": None if self.lease is None else dict(self.lease),
             "revision": self.revision,
         }
 
@@ -186,6 +195,7 @@ class CaptureRecord:
             error=_typed(data, "error", str, optional=True),
             sync_state=_choice(data, "sync_state", SYNC_STATES),  # type: ignore[arg-type]
             extra=_typed(data, "extra", dict),
+            lease=_parse_lease(data.get("lease")),
             revision=revision,
         )
 
@@ -221,6 +231,7 @@ class Spool:
         self._tmp = self.root / "tmp"
         self._quarantine = self.root / "quarantine"
         self._lock = threading.RLock()
+        self._evicting = threading.Lock()
         try:
             self.root.parent.mkdir(parents=True, exist_ok=True)
             for folder in (self.root, self._captures, self._tmp, self._quarantine):
@@ -295,10 +306,13 @@ class Spool:
         audio_wav: bytes,
         frames: Sequence[bytes],
         created_at: datetime | None = None,
+        leased: bool = False,
     ) -> CaptureRecord:
         """Store a new capture; once this returns it survives a crash or a power cut.
 
-        Raises SpoolFullError when the disk is full, and then nothing of it is kept.
+        `leased`: this process goes on recording its turn (the transcript, the reply),
+        and says so in the record until an update sets `lease=None`. Raises
+        SpoolFullError when the disk is full, and then nothing of it is kept.
         """
         when = _to_ms(created_at or datetime.now(UTC))
         capture_id = _new_capture_id(when)
@@ -311,6 +325,7 @@ class Spool:
                 created_at=when,
                 trigger=trigger,
                 files={name: _file_info(data) for name, data in contents.items()},
+                lease=lease.this_process() if leased else None,
             )
         )
         staging, final = self._tmp / capture_id, self._captures / capture_id
@@ -536,6 +551,25 @@ class Spool:
         except OSError as exc:  # out of captures/ already; the next opening finishes it
             log.warning("capture %s deleted, but %s is left: %s", capture_id, doomed, exc)
         return size
+
+    @contextlib.contextmanager
+    def evicting(self) -> Iterator[None]:
+        """Hold while measuring and deleting to keep a quota or retention.
+
+        One evictor at a time across every thread and process using this spool (the
+        service and `heimdall-edge sync` at once), so each sees what the other freed
+        and nothing is evicted twice over.
+        """
+        with self._evicting:
+            try:
+                fd = durable.open_private_file(self.root / EVICT_LOCK_NAME)
+            except OSError as exc:
+                raise self._storage_error(exc, "nothing was evicted") from exc
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)  # and with it the flock
 
     def disk_usage(self) -> int:
         """Bytes held by the spool: captures, index, staging and quarantine."""
@@ -765,6 +799,18 @@ def _parse_files(files: dict[str, Any]) -> dict[str, FileInfo]:
             )
         parsed[name] = {"bytes": size, "sha256": digest}
     return parsed
+
+
+def _parse_lease(lease: Any) -> dict[str, Any] | None:
+    if lease is None:
+        return None
+    if (
+        not isinstance(lease, dict)
+        or not isinstance(lease.get("boot_id"), str)
+        or any(type(lease.get(key)) is not int for key in ("pid", "start"))
+    ):
+        raise SpoolError("capture record field 'lease' must be null or {boot_id, pid, start}")
+    return {"boot_id": lease["boot_id"], "pid": lease["pid"], "start": lease["start"]}
 
 
 def _parse_engines(engines: dict[str, Any]) -> dict[str, str]:

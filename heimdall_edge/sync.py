@@ -17,9 +17,9 @@ pending again, and goes up again: new files and a new record, nothing overwritte
 
 So a crash (or a cut network) anywhere leaves the capture pending, and the next
 attempt completes it without writing anything twice: each capture ends up once in
-S3 and once in DynamoDB, whatever happened in between. Only a capture whose turn is
-over (its status is no longer "captured", or it is older than `SETTLE_S`) is synced,
-so its transcript, reply and reply.wav go with it. A capture whose key in S3 already
+S3 and once in DynamoDB, whatever happened in between. A capture whose turn a live
+process is still recording (its lease, see lease.py) waits, so its transcript, reply
+and reply.wav go with it; one whose process is gone goes at once, as it is. A capture whose key in S3 already
 holds *different* bytes is marked sync_state "failed" (a person must look); nothing
 else ever gives up.
 
@@ -49,6 +49,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from heimdall_edge import lease
 from heimdall_edge.cloudstore import PutResult, index_item
 from heimdall_edge.resilience import (
     RETRYABLE,
@@ -76,12 +77,8 @@ log = logging.getLogger(__name__)
 SERVICE = "s3"
 SYNC_OFF = "sync off: no bucket set (HEIMDALL_S3_BUCKET); captures stay on the device"
 MiB = 1024 * 1024
-SETTLE_S = 300.0
-"""A capture whose turn has not been recorded (status "captured") is left alone this long:
-its reply, transcript and reply.wav are still coming. After it, the turn died (a crash) and
-the capture goes as it is."""
-SETTLE_POLL_S = 5.0
-"""While a finished-soon capture waits to settle, look again this often (not interval_s)."""
+HELD_POLL_S = 5.0
+"""While a capture's turn is still being recorded (its lease held), look again this often."""
 STALE_UPLOAD_S = 3600.0
 """Multipart uploads of this device older than this are crash debris, aborted at each pass."""
 BACKOFF_BASE_S = 2.0
@@ -263,7 +260,6 @@ class Syncer:
         sleep: Sleep = asyncio.sleep,
         wall_clock: WallClock = lambda: datetime.now(UTC),
         jitter: Callable[[], float] = random.random,
-        settle_s: float = SETTLE_S,
         stale_upload_s: float = STALE_UPLOAD_S,
         backoff_base_s: float = BACKOFF_BASE_S,
         bandwidth: TokenBucket | None = None,
@@ -274,7 +270,6 @@ class Syncer:
         self.device_id = device_id
         self.connectivity = connectivity
         self.breaker = breaker or CircuitBreaker(SERVICE, clock=clock)
-        self.settle_s = settle_s
         self.stale_upload_s = stale_upload_s
         self.backoff_base_s = backoff_base_s
         self._clock = clock
@@ -286,7 +281,6 @@ class Syncer:
         self.bandwidth = bandwidth
 
         self._lock = threading.Lock()  # counters, in-flight set
-        self._evict_lock = threading.Lock()  # one eviction sweep at a time
         self._in_flight: set[str] = set()
         self._confirmed: dict[str, dict[str, tuple[str, str]]] = {}
         """Per pending capture: files S3 confirmed (name -> key, sha256) in this process."""
@@ -571,15 +565,15 @@ class Syncer:
         return True
 
     def _pending_work(self) -> tuple[list[CaptureRecord], list[CaptureRecord]]:
-        """Pending captures oldest first: (ready to go, still being recorded)."""
-        now = self._now()
+        """Pending captures oldest first: (ready to go, still being recorded by a live process).
+
+        Never by the wall clock: a lease names the process recording the turn, and one
+        whose process is gone (a crash, a power cut) is ready at once.
+        """
         ready: list[CaptureRecord] = []
         waiting: list[CaptureRecord] = []
         for record in reversed(self.spool.list(sync_state="pending")):
-            settled = record.status != "captured" or (
-                now - record.created_at >= timedelta(seconds=self.settle_s)
-            )
-            (ready if settled else waiting).append(record)
+            (waiting if lease.is_held(record.lease) else ready).append(record)
         return ready, waiting
 
     # -- local lifecycle -------------------------------------------------------------------------
@@ -626,7 +620,7 @@ class Syncer:
 
     def _make_room(self, needed_bytes: int) -> tuple[bool, int]:
         quota = int(self.settings.quota_mb * MiB)
-        with self._evict_lock:
+        with self.spool.evicting():
             usage = self.spool.disk_usage()
             if usage + needed_bytes <= quota:
                 return True, 0
@@ -758,7 +752,7 @@ class Syncer:
                     failures, last_logged = 0, None
                     delay = self.settings.interval_s
                     if report.waiting:
-                        delay = min(delay, SETTLE_POLL_S)
+                        delay = min(delay, HELD_POLL_S)
                     self._state = "idle"
                     await self._wait(stop, delay, notify=True)
                     continue

@@ -25,10 +25,9 @@ What it does:
   consistent, and every process that was not killed exited 0.
 
 A capture whose turn a SIGKILL cut short is on disk (acknowledged) but was never
-answered: it keeps status "captured" and has no reply.wav. The syncer leaves such
-captures alone for `sync.SETTLE_S` (300 s, in case the turn is still being
-recorded); the driver does not wait that long: after the real `sync --once` it runs
-one more pass with the settle time set to 0, as the service would after 5 minutes.
+answered: it keeps status "captured" and has no reply.wav. Its lease names the
+killed process, so the final `sync --once` must take it at once, as it is: a capture
+that drain leaves waiting is a failure.
 """
 
 from __future__ import annotations
@@ -67,20 +66,6 @@ REPAIRED_LINE = re.compile(r"spool .* repaired: ")
 TURN_FAILED = "turn failed; the loop carries on"
 # Lines that mean something went wrong beyond what the chaos explains.
 ALARMS = (TURN_FAILED, "quarantined capture", "is damaged", "Traceback (most recent call last)")
-
-SETTLE_DRAIN = r"""
-import asyncio, json
-from heimdall_edge import builders
-from heimdall_edge.settings import load_settings
-
-settings = load_settings()
-spool = builders.open_spool(settings)
-syncer = builders.build_syncer(settings, spool)
-syncer.settle_s = 0.0  # as if sync.SETTLE_S had passed: captures of killed turns go as they are
-report = asyncio.run(syncer.sync_once())
-spool.close()
-print(json.dumps(report.to_dict()))
-"""
 
 
 @dataclass
@@ -158,7 +143,6 @@ class ChaosReport:
     at the kill (unacknowledged, so nothing promised was lost); the rest were never played."""
     synced_by_service: int = 0
     drain: dict[str, Any] | None = None
-    settle_drain: dict[str, Any] | None = None
     s3_objects: int = 0
     ddb_items: int = 0
     acknowledged_seen: int = 0
@@ -191,7 +175,6 @@ class ChaosReport:
         for b in self.batches:
             errors.update(b.errors)
         drained = (self.drain or {}).get("synced", "?")
-        settled = (self.settle_drain or {}).get("synced", 0)
         rows = [
             ("seed", str(self.config.seed)),
             ("wall time", f"{self.seconds:.1f} s"),
@@ -211,10 +194,7 @@ class ChaosReport:
                 "  of which resumed an interrupted upload",
                 str(sum(b.resumed_syncs for b in self.batches)),
             ),
-            (
-                "synced by the final drain",
-                f"{drained} (+{settled} in the settle-time pass)",
-            ),
+            ("synced by the final drain", str(drained)),
             ("S3 objects / DynamoDB items", f"{self.s3_objects} / {self.ddb_items}"),
             ("cloud phases", _fmt(self.cloud_phases)),
             ("cloud requests", _fmt(self.cloud_requests)),
@@ -634,11 +614,10 @@ class Chaos:
                 f"sync --once exited {code} with the store up: {self.report.drain}; {err[-2000:]}"
             )
         if self.report.drain.get("waiting"):
-            code, out, err = await self._child([sys.executable, "-c", SETTLE_DRAIN])
-            try:
-                self.report.settle_drain = json.loads(out.strip().splitlines()[-1])
-            except (json.JSONDecodeError, IndexError):
-                self.report.failures.append(f"the settle-time pass failed (exit {code}): {err}")
+            self.report.failures.append(
+                f"{self.report.drain['waiting']} captures still leased after every service "
+                "process ended: a dead process's lease must not hold a capture back"
+            )
 
     async def _child(self, args: list[str]) -> tuple[int | None, str, str]:
         process = await asyncio.create_subprocess_exec(

@@ -12,6 +12,8 @@ import hashlib
 import json
 import logging
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -89,17 +91,23 @@ def capture(
     frames: int = 1,
     finished: bool = True,
 ) -> CaptureRecord:
-    """A capture as the appliance keeps it; `finished`: its turn was recorded too."""
+    """A capture as the appliance keeps it, leased by this process; `finished`: its turn was
+    recorded too (and the lease let go)."""
     record = spool.create(
         device_id=DEVICE,
         trigger="button",
         audio_wav=os.urandom(audio_bytes),
         frames=[os.urandom(5_000) for _ in range(frames)],
         created_at=when,
+        leased=True,
     )
     if finished:
         record = spool.update(
-            record.capture_id, transcript="what time is it", reply="noon", status="complete"
+            record.capture_id,
+            transcript="what time is it",
+            reply="noon",
+            status="complete",
+            lease=None,
         )
     return record
 
@@ -492,23 +500,47 @@ async def test_sync_off_without_a_bucket(spool: Spool) -> None:
 async def test_a_capture_whose_turn_is_still_running_waits(
     moto: MotoServer, store: CaptureStore, spool: Spool
 ) -> None:
-    """Its transcript, reply and reply.wav are still coming; after settle_s it goes as it is."""
+    """Its transcript, reply and reply.wav are still coming: it waits while its lease is held,
+    however far the wall clock jumps (NTP at boot), and goes once the turn is recorded."""
     now = [datetime.now(UTC)]
-    sync = syncer(spool, store, wall_clock=lambda: now[0], settle_s=300)
+    sync = syncer(spool, store, wall_clock=lambda: now[0])
     record = capture(spool, when=now[0], finished=False)
     report = await asyncio.wait_for(sync.sync_once(), TIMEOUT)
     assert (report.synced, report.waiting, report.pending) == (0, 1, 1)
+    now[0] += timedelta(days=3)  # the clock steps forward mid-turn
+    report = await asyncio.wait_for(sync.sync_once(), TIMEOUT)
+    assert (report.synced, report.waiting) == (0, 1)
     spool.add_file(record.capture_id, "reply.wav", b"RIFF reply")
-    spool.update(record.capture_id, status="complete", reply="noon")
+    spool.update(record.capture_id, status="complete", reply="noon", lease=None)
     report = await asyncio.wait_for(sync.sync_once(), TIMEOUT)
     assert (report.synced, report.waiting) == (1, 0)
     assert any(key.endswith("/reply.wav") for key in objects(moto))
 
-    stuck = capture(spool, when=now[0], finished=False)  # the turn died with the service
-    assert (await sync.sync_once()).waiting == 1
-    now[0] += timedelta(seconds=301)
-    report = await asyncio.wait_for(sync.sync_once(), TIMEOUT)
-    assert report.synced == 1 and spool.get(stuck.capture_id).sync_state == "synced"
+
+async def test_a_capture_left_open_by_a_process_that_died_goes_at_once(
+    moto: MotoServer, store: CaptureStore, spool: Spool
+) -> None:
+    """The turn died with its process (SIGKILL, a power cut): recognised at once, no waiting."""
+    child = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-c", LEASED_BY_A_CHILD, str(spool.root)],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    stuck = spool.get(child.stdout.strip())
+    assert stuck.lease is not None and stuck.lease["pid"] != os.getpid()
+    report = await asyncio.wait_for(syncer(spool, store).sync_once(), TIMEOUT)
+    assert (report.synced, report.waiting) == (1, 0)
+    assert spool.get(stuck.capture_id).sync_state == "synced"
+
+
+LEASED_BY_A_CHILD = """
+import sys
+from heimdall_edge.spool import Spool
+with Spool(sys.argv[1]) as spool:
+    record = spool.create(device_id="pi-test", trigger="button", audio_wav=b"RIFF", frames=[],
+                          leased=True)
+print(record.capture_id)
+"""
 
 
 async def test_uploads_run_at_most_concurrency_at_once(store: CaptureStore, spool: Spool) -> None:
@@ -585,7 +617,7 @@ async def test_retention_deletes_synced_captures_older_than_retention_days(
     old = capture(spool, when=NOW - timedelta(days=10))
     young = capture(spool, when=NOW - timedelta(days=1))
     unsynced_old = capture(spool, when=NOW - timedelta(days=30), finished=False)
-    sync = syncer(spool, store, retention_days=7, wall_clock=lambda: NOW, settle_s=10**9)
+    sync = syncer(spool, store, retention_days=7, wall_clock=lambda: NOW)
     with caplog.at_level(logging.INFO, logger="heimdall_edge.sync"):
         report = await asyncio.wait_for(sync.sync_once(), TIMEOUT)
     assert (report.synced, report.expired, report.waiting) == (2, 1, 1)
@@ -643,6 +675,47 @@ def test_make_room_evicts_synced_captures_oldest_first(
     assert ids(spool) == {s2.capture_id} | {p.capture_id for p in pending}
     assert any("nothing evicted" in m for m in messages(caplog))
     assert sync.make_room(0) is True
+
+
+EVICTOR = """
+import pathlib, sys, time
+from heimdall_edge.settings import SyncSettings
+from heimdall_edge.spool import Spool
+from heimdall_edge.sync import Syncer
+
+def slow_delete(self, capture_id, delete=Spool.delete):  # an SD card that takes its time
+    time.sleep(0.3)
+    return delete(self, capture_id)
+
+
+Spool.delete = slow_delete
+root, go = sys.argv[1], pathlib.Path(sys.argv[2])
+with Spool(root) as spool:
+    syncer = Syncer(spool, None, SyncSettings(quota_mb=10), "pi-test")
+    while not go.exists():
+        time.sleep(0.001)
+    print(syncer.make_room(1024 * 1024), syncer.status()["totals"].get("evicted_synced", 0))
+"""
+
+
+def test_two_processes_making_room_at_once_evict_only_what_the_quota_asks(
+    spool: Spool, tmp_path: Path
+) -> None:
+    (_s1, s2), pending = quota_spool(spool)
+    go = tmp_path / "go"
+    evictors = [
+        subprocess.Popen(
+            [sys.executable, "-c", EVICTOR, str(spool.root), str(go)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    time.sleep(1.0)  # both have opened the spool and wait
+    go.touch()
+    outputs = [evictor.communicate(timeout=60)[0].split() for evictor in evictors]
+    assert sorted(outputs) == [["True", "0"], ["True", "1"]]  # one evicted s1, the other saw room
+    assert ids(spool) == {s2.capture_id} | {p.capture_id for p in pending}
 
 
 def test_make_room_evicts_unsynced_captures_only_when_configured(
