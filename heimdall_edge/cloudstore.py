@@ -346,7 +346,14 @@ class CaptureStore:
     ) -> PutResult:
         # A large file that is already there (an earlier attempt completed, then the
         # device crashed before noting it) costs one HEAD instead of the whole upload.
-        existing = self.head(key)
+        try:
+            existing = self.head(key)
+        except StoreError as exc:
+            if exc.kind is not ErrorKind.AUTH:
+                raise
+            # A device scoped to its prefix without an unconditioned s3:ListBucket gets 403,
+            # not 404, for an object that is not there: upload; the completion is conditional.
+            existing = None
         if existing is not None:
             return self._compare(key, existing, size, sha256_hex)
         bucket = self.config.bucket
@@ -556,10 +563,13 @@ class CaptureStore:
 
     # --- health ---------------------------------------------------------------------------------
 
-    def check(self) -> None:
-        """Can we write? HeadBucket, then DescribeTable; a StoreError says what is wrong."""
+    def check(self, device_id: str) -> None:
+        """Can we write? A listing of this device's prefix (all a device scoped to its own
+        captures may list), then DescribeTable; a StoreError says what is wrong."""
         try:
-            self._s3.head_bucket(Bucket=self.config.bucket)
+            self._s3.list_objects_v2(
+                Bucket=self.config.bucket, Prefix=self.device_prefix(device_id), MaxKeys=1
+            )
         except Exception as exc:
             raise self._error(exc, "s3", "s3:ListBucket", None) from exc
         table = self.config.table

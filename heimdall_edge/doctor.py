@@ -269,7 +269,7 @@ def _sync(settings: Settings) -> Check:
             f"off: no bucket set (HEIMDALL_S3_BUCKET); captures stay on the device ({waiting})",
         )
     try:
-        CaptureStore(config, connect_timeout_s=3, read_timeout_s=5).check()
+        CaptureStore(config, connect_timeout_s=3, read_timeout_s=5).check(settings.device_id or "")
     except StoreError as exc:
         return Check(Level.FAIL, "sync", f"{exc} ({waiting})")
     table = f" and table {config.table}" if config.table else ""

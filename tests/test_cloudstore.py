@@ -254,8 +254,8 @@ def test_one_attempt_per_call_and_botocores_max_attempts_trap(aws: MotoServer) -
     aws.stop()
     wire = Wire(store)
     with pytest.raises(StoreError):
-        store.check()
-    assert wire.ops() == ["HeadBucket"]
+        store.check(DEVICE)
+    assert wire.ops() == ["ListObjectsV2"]
 
     naive = boto3.session.Session().client(
         "s3", endpoint_url=aws.url, config=Config(retries={"max_attempts": 1, "mode": "standard"})
@@ -422,6 +422,31 @@ def test_multipart_complete_is_conditional(
     assert s3(aws).get_object(Bucket=BUCKET, Key=key)["Body"].read() == same.read_bytes()
 
 
+class RawBody:
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+
+    def stream(self, **_kwargs: Any) -> Iterator[bytes]:
+        yield self._body
+
+
+def test_a_device_scoped_to_its_prefix_still_uploads_a_large_file(
+    aws: MotoServer, store: CaptureStore, tmp_path: Path
+) -> None:
+    """Without an unconditioned s3:ListBucket, S3 answers 403 (not 404) to a HEAD of an object
+    that is not there. The large-file check before a multipart upload must not stop on it."""
+    from botocore.awsrequest import AWSResponse
+
+    def forbidden(request: Any, **_kwargs: Any) -> AWSResponse:
+        return AWSResponse(request.url, 403, {}, RawBody(b""))
+
+    store._s3.meta.events.register("before-send.s3.HeadObject", forbidden)
+    path, sha = write(tmp_path, "big.bin", os.urandom(11 * MiB))
+    assert store.put_file("k/big.bin", path, sha256_hex=sha, metadata=meta()) is PutResult.WRITTEN
+    body = s3(aws).get_object(Bucket=BUCKET, Key="k/big.bin")["Body"].read()
+    assert hashlib.sha256(body).hexdigest() == sha
+
+
 def test_a_failed_multipart_upload_is_aborted(
     aws: MotoServer, store: CaptureStore, tmp_path: Path
 ) -> None:
@@ -564,15 +589,15 @@ def test_put_index_without_a_table(aws: MotoServer) -> None:
 
 
 def test_check_passes(aws: MotoServer, store: CaptureStore) -> None:
-    store.check()
-    make_store(aws, table=None).check()
+    store.check(DEVICE)
+    make_store(aws, table=None).check(DEVICE)
 
 
 def test_missing_bucket(aws: MotoServer, tmp_path: Path) -> None:
     store = make_store(aws, bucket="no-such-bucket")
     expected = "bucket 'no-such-bucket' does not exist: create it or fix HEIMDALL_S3_BUCKET"
     with pytest.raises(StoreError) as caught:
-        store.check()
+        store.check(DEVICE)
     assert (caught.value.kind, caught.value.message) == (ErrorKind.CLIENT, expected)
     path, sha = write(tmp_path, "a.wav", b"x")
     with pytest.raises(StoreError) as caught:
@@ -583,7 +608,7 @@ def test_missing_bucket(aws: MotoServer, tmp_path: Path) -> None:
 def test_missing_table(aws: MotoServer) -> None:
     store = make_store(aws, table="no-such-table")
     with pytest.raises(StoreError) as caught:
-        store.check()
+        store.check(DEVICE)
     assert caught.value.service == "dynamodb" and caught.value.kind is ErrorKind.CLIENT
     assert "table 'no-such-table' does not exist in eu-west-1: create it" in str(caught.value)
     assert "HEIMDALL_DYNAMODB_TABLE" in str(caught.value)
@@ -599,7 +624,7 @@ def test_a_table_with_the_wrong_key(aws: MotoServer) -> None:
         BillingMode="PAY_PER_REQUEST",
     )
     with pytest.raises(StoreError, match="wrong key: it needs partition key device_id"):
-        make_store(aws, table="flat").check()
+        make_store(aws, table="flat").check(DEVICE)
 
 
 def test_bad_credentials_and_missing_permissions(aws: MotoServer, tmp_path: Path) -> None:
@@ -634,7 +659,7 @@ def test_no_credentials_at_all(aws: MotoServer, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     with pytest.raises(StoreError) as caught:
-        make_store(aws, session=None).check()
+        make_store(aws, session=None).check(DEVICE)
     assert caught.value.kind is ErrorKind.AUTH
     assert "no usable AWS credentials (NoCredentialsError)" in str(caught.value)
 
@@ -652,7 +677,7 @@ def test_store_down_fails_fast_as_connection_then_recovers(
     for attempt in (
         lambda: store.put_file("k/b.wav", later, sha256_hex=later_sha, metadata={}),
         lambda: store.put_index(item),
-        store.check,
+        lambda: store.check(DEVICE),
     ):
         with pytest.raises(StoreError) as caught:
             attempt()
