@@ -82,6 +82,11 @@ class SpoolError(Exception):
     """The spool cannot do what was asked; the message says why and what to do."""
 
 
+class SpoolUnavailable(SpoolError):
+    """A file could not be read just now (EIO on an under-volted Pi, EACCES, EMFILE): trouble,
+    not damage. Nothing is quarantined or changed; the capture is tried again later."""
+
+
 class SpoolFullError(SpoolError):
     """The disk under the spool is full; nothing of the failed write was kept."""
 
@@ -216,6 +221,8 @@ class RecoveryReport:
     rows_repaired: int = 0
     rows_dropped: int = 0
     quarantined: int = 0
+    unreadable_now: int = 0
+    """Captures a transient error (EIO, EACCES, EMFILE) kept from being checked: left as they are."""
 
 
 class Spool:
@@ -498,6 +505,8 @@ class Spool:
         folder = self._folder(capture_id)
         try:
             record = _read_record(folder)
+        except SpoolUnavailable:
+            raise
         except SpoolError as exc:
             if not folder.is_dir():
                 raise CaptureNotFoundError(
@@ -666,7 +675,13 @@ class Spool:
         quarantined: set[str] = set()
         with self._transaction():
             for entry in _entries(self._captures):
-                record, problem = self._check_capture(entry, counts)
+                try:
+                    record, problem = self._check_capture(entry, counts)
+                except SpoolUnavailable as exc:  # trouble, not damage: leave it as it is
+                    on_disk.add(entry.name)
+                    counts["unreadable_now"] += 1
+                    log.warning("capture %s not checked at start-up: %s", entry.name, exc)
+                    continue
                 if record is None:
                     self._quarantine_entry(entry, problem)
                     quarantined.add(entry.name)
@@ -703,11 +718,10 @@ class Spool:
             record = _read_record(folder)
         except SpoolError as exc:
             return None, str(exc)
-        # Synced captures are safe in the cloud: check their sizes, not every byte,
-        # so opening a spool with months of history stays quick on an SD card.
-        full_check = record.sync_state != "synced"
+        # Sizes only: hashing a 2 GB backlog on an SD card takes longer than systemd waits
+        # for READY. Every byte is checked against its SHA-256 before upload (verify).
         for name, info in record.files.items():
-            problem = _check_file(folder / name, info, full_check)
+            problem = _check_file(folder / name, info, full_check=False)
             if problem:
                 return None, problem
         for entry in _entries(folder):
@@ -870,7 +884,7 @@ def _read_record(folder: Path) -> CaptureRecord:
     except FileNotFoundError:
         raise SpoolError(f"{path} is missing") from None
     except OSError as exc:
-        raise SpoolError(f"{path} cannot be read: {exc}") from exc
+        raise _unavailable(path, exc) from exc
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, too deep
         raise SpoolError(f"{path} is not valid JSON: {exc}") from exc
     try:
@@ -898,8 +912,15 @@ def _check_file(path: Path, info: FileInfo, full_check: bool) -> str:
     except FileNotFoundError:
         return f"{path.name} is missing"
     except OSError as exc:
-        return f"{path.name} cannot be read: {exc}"
+        raise _unavailable(path, exc) from exc
     return ""
+
+
+def _unavailable(path: Path, exc: OSError) -> SpoolUnavailable:
+    return SpoolUnavailable(
+        f"{path} cannot be read now ({exc.strerror or exc}): nothing was changed, "
+        "it is tried again later; if it persists, check the SD card and the power supply"
+    )
 
 
 # -- files ------------------------------------------------------------------------

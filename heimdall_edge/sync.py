@@ -515,6 +515,10 @@ class Syncer:
                         else:
                             client_errors += 1
                             stop = stop or client_errors >= CLIENT_ERRORS_IN_A_ROW
+                except SpoolError as error:  # a file unreadable just now, say: it waits
+                    report.failed += 1
+                    self._count("failed")
+                    log.warning("capture %s not synced now: %s", record.capture_id, error)
                 except Exception:
                     report.failed += 1
                     self._count("failed")

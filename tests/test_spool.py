@@ -27,6 +27,7 @@ from heimdall_edge.spool import (
     Spool,
     SpoolError,
     SpoolFullError,
+    SpoolUnavailable,
 )
 
 T0 = datetime(2026, 11, 26, 22, 53, 0, 123456, tzinfo=UTC)
@@ -527,7 +528,6 @@ def record_of_another_capture(folder: Path) -> None:
         (corrupt_json, "is not valid JSON"),
         (partial_json, "incomplete: files missing"),
         (missing_json, "capture.json is missing"),
-        (tampered_audio, "audio.wav does not match the SHA-256"),
         (truncated_frame, "frame-01.jpg is 2 bytes, its record says"),
         (missing_frame, "frame-00.jpg is missing"),
         (record_of_another_capture, "belongs to capture 20200101T000000000Z-00000000"),
@@ -551,18 +551,56 @@ def test_recovery_quarantines_a_damaged_capture(
     )
 
 
-def test_synced_captures_are_checked_by_size_only(root: Path) -> None:
-    """Hashing every old capture at each start would be slow on an SD card; sizes still count."""
+def test_start_up_checks_sizes_and_the_bytes_are_checked_before_upload(root: Path) -> None:
+    """Hashing a 2 GB backlog at each start would outlast systemd's start timeout on an SD
+    card; sizes still count at open, and verify() (run before every upload) reads every byte."""
     tampered = stored(root)
     truncated = stored(root, when=T0 + timedelta(seconds=1))
     with Spool(root) as spool:
-        spool.update(tampered.capture_id, sync_state="synced")
         spool.update(truncated.capture_id, sync_state="synced")
     tampered_audio(root / "captures" / tampered.capture_id)
     truncated_frame(root / "captures" / truncated.capture_id)
     with reopen(root) as spool:
         assert spool.recovered.quarantined == 1
         assert [r.capture_id for r in spool.list()] == [tampered.capture_id]
+        assert spool.verify(tampered.capture_id) == [
+            "audio.wav does not match the SHA-256 in its record"
+        ]
+
+
+@pytest.mark.parametrize("errno_", [errno.EIO, errno.EACCES, errno.EMFILE])
+def test_a_file_unreadable_just_now_is_trouble_not_damage(
+    root: Path, monkeypatch: pytest.MonkeyPatch, errno_: int
+) -> None:
+    """An under-volted Pi's EIO, a permission slip, too many open files: nothing is
+    quarantined or dropped, the error says it is tried again, and later all is there."""
+    record = stored(root)
+    real_open, real_lstat = open, os.lstat
+
+    def refuse(path: Any) -> None:
+        if str(path).endswith("audio.wav"):
+            raise OSError(errno_, os.strerror(errno_), str(path))
+
+    def failing_open(path: Any, *args: Any, **kwargs: Any) -> Any:
+        refuse(path)
+        return real_open(path, *args, **kwargs)
+
+    def failing_lstat(path: Any, *args: Any, **kwargs: Any) -> Any:
+        refuse(path)
+        return real_lstat(path, *args, **kwargs)
+
+    with Spool(root) as spool:
+        monkeypatch.setattr("builtins.open", failing_open)
+        with pytest.raises(SpoolUnavailable, match="cannot be read now .*tried again later"):
+            spool.verify(record.capture_id)
+        monkeypatch.undo()
+        assert spool.verify(record.capture_id) == []
+    monkeypatch.setattr(os, "lstat", failing_lstat)  # at start-up now
+    with reopen(root) as spool:
+        assert (spool.recovered.quarantined, spool.recovered.unreadable_now) == (0, 1)
+        monkeypatch.undo()
+        assert spool.get(record.capture_id) == record
+    assert not (root / "quarantine" / record.capture_id).exists()
 
 
 def test_quarantine_never_overwrites_an_earlier_one(root: Path) -> None:
