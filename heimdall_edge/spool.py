@@ -347,8 +347,6 @@ class Spool:
                 os.rename(staging, final)
                 published = True
                 durable.fsync_dir(self._captures)
-                with self._transaction():
-                    self._put_row(record)
             except BaseException:
                 # Out of captures/ in one rename, so a crash here cannot leave half of it.
                 if published:
@@ -356,8 +354,19 @@ class Spool:
                         os.rename(final, staging)
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
-        except (OSError, sqlite3.Error) as exc:
+        except OSError as exc:
             raise self._storage_error(exc, "the capture was not stored") from exc
+        try:
+            with self._transaction():
+                self._put_row(record)
+        except sqlite3.Error as exc:
+            # Durable already: the folder is the truth and the index a copy, rebuilt from it.
+            log.error(
+                "capture %s is kept, but its index row was not written (%s): it is indexed "
+                "again when the spool is next opened",
+                capture_id,
+                exc,
+            )
         return record
 
     def add_file(self, capture_id: str, name: str, data: bytes) -> CaptureRecord:

@@ -711,21 +711,6 @@ def test_a_full_disk_reported_by_fsync_leaves_nothing(
     assert leftovers(root) == []
 
 
-def test_a_full_index_takes_the_capture_back_out(
-    spool: Spool, root: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    def full(record: CaptureRecord) -> None:
-        exc = sqlite3.OperationalError("database or disk is full")
-        exc.sqlite_errorcode = sqlite3.SQLITE_FULL  # type: ignore[attr-defined]
-        raise exc
-
-    monkeypatch.setattr(spool, "_put_row", full)
-    with pytest.raises(SpoolFullError, match="is full"):
-        make(spool)
-    assert leftovers(root) == []
-    assert spool.list() == []
-
-
 def test_a_full_disk_during_update_or_add_file_keeps_the_old_record(
     spool: Spool, root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -895,3 +880,25 @@ def test_a_record_from_before_revisions_loads_as_revision_1(spool: Spool) -> Non
     assert CaptureRecord.from_dict(data).revision == 1
     with pytest.raises(SpoolError, match="'revision' must be >= 1"):
         CaptureRecord.from_dict({**data, "revision": 0})
+
+
+@pytest.mark.parametrize("code", [sqlite3.SQLITE_IOERR, sqlite3.SQLITE_FULL])
+def test_a_failed_index_insert_keeps_the_durable_capture(
+    root: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, code: int
+) -> None:
+    """The folder is the truth and the index a copy: a capture on disk is never taken back."""
+    with Spool(root) as spool:
+
+        def broken_index(*_args: Any) -> None:
+            exc = sqlite3.OperationalError("disk I/O error or full")
+            exc.sqlite_errorcode = code  # type: ignore[attr-defined]
+            raise exc
+
+        monkeypatch.setattr(spool, "_put_row", broken_index)
+        with caplog.at_level(logging.ERROR, logger="heimdall_edge.spool"):
+            record = make(spool)
+        assert any("index row was not written" in m for m in caplog.messages)
+        assert (root / "captures" / record.capture_id / "audio.wav").read_bytes() == AUDIO
+    with reopen(root) as spool:
+        assert spool.recovered.reindexed == 1
+        assert spool.get(record.capture_id) == record
