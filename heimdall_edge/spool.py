@@ -562,7 +562,9 @@ class Spool:
                 size = _folder_bytes(folder)
                 self._remove_capture(folder, doomed)
             except (OSError, sqlite3.Error) as exc:
-                raise self._storage_error(exc, f"capture {capture_id} was not deleted") from exc
+                if not durable.is_disk_full(exc):
+                    raise self._storage_error(exc, f"capture {capture_id} was not deleted") from exc
+                self._delete_on_a_full_disk(folder, doomed)
         try:
             durable.remove(doomed)
             durable.fsync_dir(self._tmp)
@@ -641,6 +643,27 @@ class Spool:
                 with contextlib.suppress(OSError):
                     os.rename(target, folder)
             raise
+
+    def _delete_on_a_full_disk(self, folder: Path, doomed: Path) -> None:
+        """The index cannot record a deletion without space (its WAL grows): free the space
+        first. The folder leaves captures/ in one rename, its files go, then the row. If the
+        row still cannot go, the next opening drops it (its folder is gone): never half a
+        capture, only a row that outlives it for a while."""
+        try:
+            os.rename(folder, doomed)
+            durable.fsync_dir(self._captures)
+            durable.remove(doomed)
+        except OSError as exc:
+            raise self._storage_error(exc, f"capture {folder.name} was not deleted") from exc
+        try:
+            with self._transaction():
+                self._db.execute("DELETE FROM captures WHERE capture_id = ?", (folder.name,))
+        except sqlite3.Error as exc:
+            log.warning(
+                "capture %s deleted to free a full disk; its index row goes at the next start (%s)",
+                folder.name,
+                exc,
+            )
 
     def _folder(self, capture_id: str) -> Path:
         folder = self._captures / capture_id

@@ -41,6 +41,7 @@ import enum
 import logging
 import os
 import random
+import shutil
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -626,6 +627,20 @@ class Syncer:
         quota = int(self.settings.quota_mb * MiB)
         with self.spool.evicting():
             usage = self.spool.disk_usage()
+            # A disk filled by something else counts too: the spool may use what it uses plus
+            # what is free, so a full disk evicts synced captures before a capture is refused.
+            disk_free = shutil.disk_usage(self.spool.root).free
+            # Where the disk, not the quota, is the limit, a capture is never refused here:
+            # the spool tries to write it and says itself when the disk is full.
+            disk_limited = usage + disk_free < quota
+            limit = (
+                "the disk's free space"
+                if disk_limited
+                else f"the {self.settings.quota_mb:g} MB spool quota"
+            )
+            if disk_limited:
+                quota = usage + disk_free
+                log.debug("the disk has %d bytes free: the spool's room ends there", disk_free)
             if usage + needed_bytes <= quota:
                 return True, 0
             evicted = 0
@@ -646,7 +661,7 @@ class Syncer:
                     usage, needed_bytes, self.settings.quota_mb,
                     "synced or not" if self.settings.evict_unsynced else "synced only",
                 )  # fmt: skip
-                return False, 0
+                return disk_limited, 0
 
             def fits() -> bool:
                 # The running total is an estimate: deleting rows grows the index's WAL, so
@@ -675,17 +690,14 @@ class Syncer:
                     if tier == "synced":
                         log.warning(
                             "evicted synced capture %s (%d bytes, created %s) to stay within "
-                            "the %g MB spool quota; it is in S3",
-                            record.capture_id, freed, iso_utc(record.created_at),
-                            self.settings.quota_mb,
+                            "%s; it is in S3",
+                            record.capture_id, freed, iso_utc(record.created_at), limit,
                         )  # fmt: skip
                     else:
                         log.warning(
                             "evicted UNSYNCED capture %s (%d bytes, created %s) to stay within "
-                            "the %g MB spool quota (evict_unsynced is on): it never reached "
-                            "the cloud and is lost",
-                            record.capture_id, freed, iso_utc(record.created_at),
-                            self.settings.quota_mb,
+                            "%s (evict_unsynced is on): it never reached the cloud and is lost",
+                            record.capture_id, freed, iso_utc(record.created_at), limit,
                         )  # fmt: skip
             room = fits()
             if not room:
@@ -697,7 +709,7 @@ class Syncer:
                     self.settings.quota_mb,
                     "more" if self.settings.evict_unsynced else "synced (evict_unsynced is off)",
                 )
-            return room, evicted
+            return room or disk_limited, evicted
 
     # -- the service -----------------------------------------------------------------------------
 

@@ -407,6 +407,33 @@ def test_demo_turns_until_the_disk_is_full(small_disk: Path, speech_dir: Path) -
     assert sorted(c["capture_id"] for c in listed) == sorted(acknowledged)
 
 
+def test_a_disk_filled_by_something_else_evicts_synced_captures_first(
+    small_disk: Path, speech_dir: Path
+) -> None:
+    """The quota is far away, but the disk is full (logs, another program): captures that are
+    safe in the cloud go, oldest first, before a new one would be refused."""
+    state = small_disk / "state"
+    env = {"HEIMDALL_STATE_DIR": str(state)}
+    kept = []
+    for _ in range(3):
+        done = heimdall("demo", "--input", str(speech_dir / SHORT), "--json", env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        kept.append(json.loads(done.stdout)["capture_id"])
+    with Spool(state / "spool") as spool:
+        for capture_id in kept[:2]:  # as if the cloud had them
+            spool.update(capture_id, sync_state="synced")
+    fill(small_disk, leave_kb=60)  # less than one capture's audio
+    done = heimdall("demo", "--input", str(speech_dir / SHORT), "--json", env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    assert result["capture_id"] is not None and "error" not in result, (result, done.stderr[-3000:])
+    assert f"evicted synced capture {kept[0]}" in done.stderr
+    assert "to stay within the disk's free space" in done.stderr
+    listed = {c["capture_id"] for c in json.loads(heimdall("captures", "--json", env=env).stdout)}
+    assert kept[2] in listed and result["capture_id"] in listed  # the unsynced one stays
+    assert kept[0] not in listed
+
+
 async def test_the_person_hears_that_storage_is_full(
     small_disk: Path, speech_dir: Path, whisper, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
