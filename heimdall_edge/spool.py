@@ -461,10 +461,8 @@ class Spool:
 
     def get(self, capture_id: str) -> CaptureRecord:
         """A capture's record, from the index: as current as capture.json, and cheaper to read."""
-        with self._lock:
-            row = self._db.execute(
-                "SELECT record FROM captures WHERE capture_id = ?", (capture_id,)
-            ).fetchone()
+        rows = self._query("SELECT record FROM captures WHERE capture_id = ?", [capture_id])
+        row = rows[0] if rows else None
         if row is None:
             raise CaptureNotFoundError(f"no capture {capture_id!r:.80} in the spool at {self.root}")
         return CaptureRecord.from_dict(json.loads(row[0]))
@@ -488,17 +486,24 @@ class Spool:
         if limit is not None:
             query += " LIMIT ?"
             params.append(limit)
-        with self._lock:
-            rows = self._db.execute(query, params).fetchall()
+        rows = self._query(query, params)
         return [CaptureRecord.from_dict(json.loads(row[0])) for row in rows]
 
     def counts(self) -> dict[str, int]:
         """Number of captures per sync_state, every state present (zero included)."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT sync_state, COUNT(*) FROM captures GROUP BY sync_state"
-            ).fetchall()
+        rows = self._query("SELECT sync_state, COUNT(*) FROM captures GROUP BY sync_state", [])
         return {state: 0 for state in SYNC_STATES} | dict(rows)
+
+    def _query(self, sql: str, params: builtins.list[Any]) -> builtins.list[Any]:
+        """Rows of a read from the index; an SQLite error becomes a SpoolError saying what to do."""
+        try:
+            with self._lock:
+                return self._db.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise SpoolError(
+                f"the spool's index at {self.root / INDEX_NAME} cannot be read now ({exc}): "
+                "nothing was changed; if it persists, restart the service to rebuild it"
+            ) from exc
 
     def path(self, capture_id: str) -> Path:
         """The folder of a capture, for readers such as the syncer."""

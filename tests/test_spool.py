@@ -902,3 +902,21 @@ def test_a_failed_index_insert_keeps_the_durable_capture(
     with reopen(root) as spool:
         assert spool.recovered.reindexed == 1
         assert spool.get(record.capture_id) == record
+
+
+def test_an_index_that_cannot_be_read_is_a_spool_error(spool: Spool) -> None:
+    """Raw sqlite3 errors never escape: the callers (sync, the CLI) know SpoolError."""
+    make(spool)
+
+    class Locked:
+        def execute(self, *_args: Any) -> Any:
+            raise sqlite3.OperationalError("database is locked")
+
+    real, spool._db = spool._db, Locked()  # type: ignore[assignment]
+    try:
+        for read in (spool.list, spool.counts, lambda: spool.get("20261202T000000000Z-00000000")):
+            with pytest.raises(SpoolError, match="cannot be read now .*database is locked"):
+                read()
+    finally:
+        spool._db = real
+    assert len(spool.list()) == 1
