@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from heimdall_edge.backfill import Backfill
 from heimdall_edge.conversation import Conversation
 from heimdall_edge.devices.base import (
     Button,
@@ -137,6 +138,14 @@ class Appliance:
             clock=clock,
         )
         self._playback_stop = asyncio.Event()
+        self._in_turn = False
+        """A capture is being recorded or answered: background work (the backfill) waits."""
+        self.backfill = Backfill(
+            spool,
+            engines.transcribe,
+            idle=lambda: not self._in_turn,
+            on_recorded=syncer.notify if syncer else None,
+        )
 
     async def start(self) -> None:
         """Load what must be warm before the first turn, then tell systemd we are ready."""
@@ -170,6 +179,7 @@ class Appliance:
             )
         if self.syncer is not None:  # store and forward, in the background of every turn
             background.append(asyncio.create_task(self.syncer.run(stop), name="sync"))
+        background.append(asyncio.create_task(self.backfill.run(stop), name="backfill"))
         try:
             while not stop.is_set():
                 turn = asyncio.create_task(self.one_turn(), name="turn")
@@ -218,11 +228,18 @@ class Appliance:
         After a reply that asked something, the trigger may be speech alone for
         `listening.follow_up_s` (the follow-up window); None when it closes unused.
         """
+        try:
+            return await self._one_turn()
+        finally:
+            self._in_turn = False
+
+    async def _one_turn(self) -> TurnResult | None:
         camera_done = asyncio.Event()
         camera_task: asyncio.Task[list[bytes]] | None = None
 
         def capture_started() -> None:
             nonlocal camera_task
+            self._in_turn = True
             self.devices.indicator.show(IndicatorState.LISTENING)
             self.notifier.status("capturing")
             camera_task = asyncio.create_task(

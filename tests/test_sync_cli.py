@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from moto_server import DEFAULT_REGION, MotoServer, use_aws_test_env
+from shared import words
 
 BUCKET, TABLE = "heimdall-test", "heimdall-captures"
 
@@ -149,3 +150,51 @@ def test_the_region_comes_from_aws_region_and_without_one_captures_wait(
     assert service.stderr.count("sync is off until this is fixed") == 1
     states = [c["sync_state"] for c in json.loads(heimdall("captures", "--json").stdout)]
     assert sorted(states) == ["pending", "pending", "synced"]
+
+
+KEPT_THEN_KILLED = """
+import os, signal, sys
+from heimdall_edge.audio import read_audio
+from heimdall_edge.settings import load_settings
+from heimdall_edge.spool import Spool
+settings = load_settings()
+spool = Spool(settings.spool_dir)
+record = spool.create(device_id=settings.device_id, trigger="button", frames=[], leased=True,
+                      audio_wav=read_audio(sys.argv[1]).to_wav())
+print(record.capture_id, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # after keep, before transcribe
+"""
+
+
+def test_a_turn_killed_after_keep_is_transcribed_after_the_restart_and_synced(
+    store: MotoServer, speech_dir: Path
+) -> None:
+    killed = subprocess.run(
+        [sys.executable, "-c", KEPT_THEN_KILLED, str(speech_dir / "sr_english.wav")],
+        capture_output=True, text=True, timeout=120, env=dict(os.environ), check=False,
+    )  # fmt: skip
+    assert killed.returncode == -9, killed.stderr
+    capture_id = killed.stdout.strip()
+    service = subprocess.Popen(
+        [sys.executable, "-m", "heimdall_edge.cli", "run", "--simulate"],
+        stderr=subprocess.PIPE, text=True, env=dict(os.environ, HEIMDALL_SYNC__INTERVAL_S="3600"),
+    )  # fmt: skip
+    try:
+        assert service.stderr is not None
+        seen, transcribed = [], False
+        for line in service.stderr:  # the audio may go up first; the transcript follows it
+            seen.append(line)
+            transcribed = transcribed or f"capture {capture_id} cut short, transcribed" in line
+            if transcribed and f"synced capture {capture_id}" in line:
+                break
+        else:
+            raise AssertionError("the service ended first:\n" + "".join(seen[-30:]))
+    finally:
+        service.terminate()
+        service.wait(timeout=60)
+    [item] = store.client("dynamodb").scan(TableName=TABLE)["Items"]
+    assert item["capture_id"]["S"] == capture_id and int(item["revision"]["N"]) == 2
+    assert "one two three" in words(item["transcript"]["S"]) and item["status"]["S"] == "failed"
+    s3 = store.client("s3")
+    manifest = s3.get_object(Bucket=BUCKET, Key=item["s3_keys"]["M"]["capture.json"]["S"])
+    assert json.loads(manifest["Body"].read())["transcript"] == item["transcript"]["S"]
