@@ -28,7 +28,7 @@ import sqlite3
 import stat
 import threading
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -61,7 +61,9 @@ UPDATABLE = frozenset(
     {"transcript", "reply", "engines", "timings_ms", "status", "error", "sync_state", "extra",
      "lease"}
 )  # fmt: skip
-CONTENT = UPDATABLE - {"sync_state", "extra", "lease"}
+BOOKKEEPING = frozenset({"sync_state", "extra", "lease"})
+"""Where the capture stands on this device; not part of what goes up in its record."""
+CONTENT = UPDATABLE - BOOKKEEPING
 """What a person said and what became of it: a change to any of these is a new revision."""
 RECORD_KEYS = (
     "schema_version", "capture_id", "device_id", "created_at", "trigger", "files",
@@ -134,9 +136,7 @@ class CaptureRecord:
         The same revision always gives the same bytes, so an upload retried after a crash
         finds its object already there.
         """
-        data = {
-            k: v for k, v in self.to_dict().items() if k not in ("sync_state", "extra", "lease")
-        }
+        data = {k: v for k, v in self.to_dict().items() if k not in BOOKKEEPING}
         return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
 
     def to_dict(self) -> dict[str, Any]:
@@ -425,17 +425,14 @@ class Spool:
                 f"cannot update {', '.join(sorted(unknown))} of a capture: "
                 f"only {', '.join(sorted(UPDATABLE))} change after it is stored"
             )
-        folder = self._folder(capture_id)
-        try:
-            with self._transaction():
-                record = _read_record(folder)
-                if any(getattr(record, k) != v for k, v in fields.items() if k in CONTENT):
-                    fields = {"sync_state": "pending", **fields, "revision": record.revision + 1}
-                record = _validated(dataclasses.replace(record, **fields))
-                self._put_row(record)
-                durable.replace_file(folder / RECORD_NAME, _record_file_bytes(record))
-        except (OSError, sqlite3.Error) as exc:
-            raise self._storage_error(exc, f"capture {capture_id} was not updated") from exc
+
+        def change(record: CaptureRecord) -> dict[str, Any]:
+            if any(getattr(record, k) != v for k, v in fields.items() if k in CONTENT):
+                return {"sync_state": "pending", **fields, "revision": record.revision + 1}
+            return fields
+
+        record = self._rewrite(capture_id, change, "was not updated")
+        assert record is not None
         return record
 
     def mark_synced(
@@ -446,17 +443,32 @@ class Spool:
         None if it changed meanwhile (a reply added, a transcript upgraded): it stays
         pending, and the next pass uploads the new revision.
         """
+
+        def change(record: CaptureRecord) -> dict[str, Any] | None:
+            return {"sync_state": "synced", "extra": extra} if record.revision == revision else None
+
+        return self._rewrite(capture_id, change, "was not marked synced")
+
+    def _rewrite(
+        self,
+        capture_id: str,
+        change: Callable[[CaptureRecord], dict[str, Any] | None],
+        failed: str,
+    ) -> CaptureRecord | None:
+        """Replace fields of a capture's record (in the index and capture.json, as one);
+        `change` says which, from the current record, or None to leave it as it is."""
         folder = self._folder(capture_id)
         try:
             with self._transaction():
                 record = _read_record(folder)
-                if record.revision != revision:
+                fields = change(record)
+                if fields is None:
                     return None
-                record = _validated(dataclasses.replace(record, sync_state="synced", extra=extra))
+                record = _validated(dataclasses.replace(record, **fields))
                 self._put_row(record)
                 durable.replace_file(folder / RECORD_NAME, _record_file_bytes(record))
         except (OSError, sqlite3.Error) as exc:
-            raise self._storage_error(exc, f"capture {capture_id} was not marked synced") from exc
+            raise self._storage_error(exc, f"capture {capture_id} {failed}") from exc
         return record
 
     def get(self, capture_id: str) -> CaptureRecord:
