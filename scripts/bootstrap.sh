@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(python3-venv python3-dev gcc portaudio19-dev libasound2-plugins libsndfile1 systemd)
+APT_PACKAGES=(python3-venv python3-dev gcc portaudio19-dev libasound2-plugins libsndfile1 systemd faketime)
 
 missing_apt() {
     local pkg missing=()
