@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from heimdall_edge.appliance import Devices
-from heimdall_edge.cloudstore import CaptureStore, StoreConfig
+from heimdall_edge.cloudstore import CaptureStore, StoreConfig, StoreError
 from heimdall_edge.connectivity import Connectivity, tcp_probe
 from heimdall_edge.engines.cloud_reply import CloudReplyEngine
 from heimdall_edge.engines.elevenlabs import ElevenLabsEngine
@@ -21,6 +21,7 @@ from heimdall_edge.engines.faster_whisper import FasterWhisperEngine
 from heimdall_edge.engines.offline_reply import OfflineReplyEngine
 from heimdall_edge.engines.openai_whisper import OpenAIWhisperEngine
 from heimdall_edge.engines.piper import PiperEngine
+from heimdall_edge.iot_credentials import IotCredentialsProvider, IotIdentity, iot_session
 from heimdall_edge.resilience import CallPolicy, CircuitBreaker, RateLimit
 from heimdall_edge.routing import Cloud, Engines
 from heimdall_edge.settings import Settings, SettingsError
@@ -155,12 +156,29 @@ def build_syncer(
     assert settings.device_id is not None
     return Syncer(
         spool,
-        CaptureStore(config) if config else None,
+        open_store(config, settings) if config else None,
         settings.sync,
         settings.device_id,
         connectivity=connectivity,
         breaker=breaker,
     )
+
+
+def open_store(config: StoreConfig, settings: Settings, **timeouts: float) -> CaptureStore:
+    """The store, signing with the credentials `[sync] credentials` names.
+
+    With IoT credentials, a certificate or key that cannot work is said once here; sync
+    still runs, so the captures wait and go up once the files are fixed (no restart).
+    """
+    identity = IotIdentity.from_settings(settings.sync)
+    if identity is None:
+        return CaptureStore(config, **timeouts)
+    provider = IotCredentialsProvider(identity)
+    try:
+        provider.check_files()
+    except StoreError as exc:
+        log.error("sync cannot get AWS credentials (captures wait on the device): %s", exc)
+    return CaptureStore(config, session=iot_session(provider), **timeouts)
 
 
 def prepare_state_dir(settings: Settings) -> Path:

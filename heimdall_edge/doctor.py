@@ -252,7 +252,8 @@ def _cloud_state(settings: Settings) -> Check:
 
 def _sync(settings: Settings) -> Check:
     """Whether captures can reach the store, and how many are waiting."""
-    from heimdall_edge.cloudstore import CaptureStore, StoreConfig, StoreError
+    from heimdall_edge.builders import open_store
+    from heimdall_edge.cloudstore import StoreConfig, StoreError
     from heimdall_edge.spool import Spool
 
     with Spool(settings.spool_dir) as spool:
@@ -269,7 +270,8 @@ def _sync(settings: Settings) -> Check:
             f"off: no bucket set (HEIMDALL_S3_BUCKET); captures stay on the device ({waiting})",
         )
     try:
-        CaptureStore(config, connect_timeout_s=3, read_timeout_s=5).check(settings.device_id or "")
+        store = open_store(config, settings, connect_timeout_s=3, read_timeout_s=5)
+        store.check(settings.device_id or "")
     except StoreError as exc:
         return Check(Level.FAIL, "sync", f"{exc} ({waiting})")
     table = f" and table {config.table}" if config.table else ""

@@ -264,6 +264,34 @@ class SyncSettings(Section):
     """Longest wait between attempts while the store is unreachable (exponential backoff with jitter)."""
     interval_s: Annotated[float, Field(gt=0, le=86_400)] = 60.0
     """How often the syncer looks for work when nothing wakes it (a new capture or connectivity returning does)."""
+    credentials: Literal["chain", "iot"] = "chain"
+    """Where the AWS credentials come from: "chain" is boto3's standard chain (environment, profile, instance role); "iot" is AWS IoT Core's credentials provider, with the iot_* settings below."""
+    iot_endpoint: Annotated[str, Field(pattern=r"^[A-Za-z0-9.-]+(:[0-9]{1,5})?$")] | None = None
+    """The credentials provider's host (aws iot describe-endpoint --endpoint-type iot:CredentialProvider), optionally :port."""
+    iot_role_alias: Annotated[str, Field(pattern=r"^[\w=,@-]{1,128}$")] | None = None
+    """The role alias whose role the device takes (aws iot create-role-alias)."""
+    iot_thing_name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")] | None = (
+        None
+    )
+    """The device's thing, attached to its certificate; also its device_id, which the IAM policy's ${credentials-iot:ThingName} matches."""
+    iot_cert: Path | None = None
+    """The device certificate (PEM) registered in AWS IoT."""
+    iot_key: Path | None = None
+    """The certificate's private key (PEM, unencrypted, readable only by the service user)."""
+    iot_ca: Path | None = None
+    """CA that signs the provider's certificate (Amazon Root CA 1). Unset: the system's trust store."""
+
+    @model_validator(mode="after")
+    def _iot_complete(self) -> SyncSettings:
+        if self.credentials == "iot":
+            names = ("iot_endpoint", "iot_role_alias", "iot_thing_name", "iot_cert", "iot_key")
+            missing = [f"sync.{name}" for name in names if getattr(self, name) is None]
+            if missing:
+                raise ValueError(
+                    f'credentials = "iot" needs {", ".join(missing)}: set them (HEIMDALL_SYNC__'
+                    f'{missing[0].removeprefix("sync.").upper()}, ...), or use credentials = "chain"'
+                )
+        return self
 
     @field_validator("region")
     @classmethod
@@ -370,8 +398,15 @@ class Settings(BaseSettings):
     def _fill_derived(self) -> Settings:
         if self.models_dir is None:
             object.__setattr__(self, "models_dir", self.state_dir / "models")
+        thing = self.sync.iot_thing_name if self.sync.credentials == "iot" else None
+        if thing and self.device_id not in (None, thing):
+            raise ValueError(
+                f"device_id {self.device_id!r} differs from sync.iot_thing_name {thing!r}: with "
+                "IoT credentials the device may only write under its thing's name; unset "
+                "device_id (it defaults to the thing name)"
+            )
         if self.device_id is None:
-            object.__setattr__(self, "device_id", machine_device_id())
+            object.__setattr__(self, "device_id", thing or machine_device_id())
         return self
 
     @property

@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any
 
 from heimdall_edge import lease
 from heimdall_edge.cloudstore import PutResult, index_item
+from heimdall_edge.iot_credentials import SERVICE as CREDENTIALS_SERVICE
 from heimdall_edge.resilience import (
     RETRYABLE,
     BreakerState,
@@ -534,7 +535,8 @@ class Syncer:
         await asyncio.gather(*(worker() for _ in range(workers)))
 
     async def _abort_stale_uploads(self, store: CaptureStore, report: SyncReport) -> bool:
-        """Abort multipart uploads a crash left behind; False when the store is unreachable.
+        """Abort multipart uploads a crash left behind; False when the store is unreachable
+        or the device has no credentials for it (the IoT credentials provider refused).
 
         Outside the breaker's probe slot, and an AUTH or CLIENT answer is only a warning:
         a device policy may well allow PutObject but not listing uploads (a bucket
@@ -545,7 +547,8 @@ class Syncer:
                 store.abort_stale_uploads, self.stale_upload_s, self.device_id
             )
         except CloudError as error:
-            if error.kind in RETRYABLE or error.kind is ErrorKind.MALFORMED:
+            no_credentials = error.service == CREDENTIALS_SERVICE
+            if error.kind in RETRYABLE or error.kind is ErrorKind.MALFORMED or no_credentials:
                 self.breaker.record_failure(error.kind)
                 report.error, report.error_kind = str(error), error.kind
                 log.info("sync pass skipped: %s", error)
