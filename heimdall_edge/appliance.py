@@ -38,6 +38,7 @@ from heimdall_edge.sdnotify import HealthWatchdog, Notifier
 from heimdall_edge.settings import Settings
 from heimdall_edge.spool import Spool
 from heimdall_edge.sync import Syncer
+from heimdall_edge.upgrade import Upgrade
 
 log = logging.getLogger(__name__)
 
@@ -134,18 +135,40 @@ class Appliance:
             speaker=ListeningSpeaker(devices.speaker, self.listener),
             indicator=devices.indicator,
             make_room=syncer.make_room if syncer else None,
-            on_kept=syncer.notify if syncer else None,
+            on_kept=self._recorded,
             clock=clock,
         )
         self._playback_stop = asyncio.Event()
         self._in_turn = False
         """A capture is being recorded or answered: background work (the backfill) waits."""
         self.backfill = Backfill(
-            spool,
-            engines.transcribe,
-            idle=lambda: not self._in_turn,
-            on_recorded=syncer.notify if syncer else None,
+            spool, engines.transcribe, idle=self._idle, on_recorded=self._recorded
         )
+        stt = engines.cloud_stt
+        self.upgrade = (
+            Upgrade(
+                spool,
+                engines.transcribe_in_cloud,
+                local_engine=engines.stt.name,
+                cloud_available=stt.policy.available,
+                idle=self._idle,
+                requests_per_minute=settings.resilience.requests_per_minute,
+                on_recorded=syncer.notify if syncer else None,
+            )
+            if stt is not None and settings.stt.upgrade
+            else None
+        )
+
+    def _idle(self) -> bool:
+        """No capture being recorded or answered: background transcription may run."""
+        return not self._in_turn
+
+    def _recorded(self) -> None:
+        """A turn or a backfill recorded a capture: it is ready to sync, and maybe to upgrade."""
+        if self.syncer is not None:
+            self.syncer.notify()
+        if self.upgrade is not None:
+            self.upgrade.notify()
 
     async def start(self) -> None:
         """Load what must be warm before the first turn, then tell systemd we are ready."""
@@ -180,6 +203,8 @@ class Appliance:
         if self.syncer is not None:  # store and forward, in the background of every turn
             background.append(asyncio.create_task(self.syncer.run(stop), name="sync"))
         background.append(asyncio.create_task(self.backfill.run(stop), name="backfill"))
+        if self.upgrade is not None:
+            background.append(asyncio.create_task(self.upgrade.run(stop), name="upgrade"))
         try:
             while not stop.is_set():
                 turn = asyncio.create_task(self.one_turn(), name="turn")

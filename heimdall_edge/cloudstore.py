@@ -639,6 +639,7 @@ def index_item(
         "trigger": record.trigger,
         "status": record.status,
         "transcript": record.transcript,
+        "transcript_on_device": record.transcript_on_device,
         "reply": record.reply,
         "error": record.error,
         "engines": dict(record.engines),

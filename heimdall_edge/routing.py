@@ -31,7 +31,7 @@ from heimdall_edge.engines.base import (
 from heimdall_edge.engines.cloud_reply import CloudReplyEngine
 from heimdall_edge.engines.elevenlabs import ElevenLabsEngine
 from heimdall_edge.engines.openai_whisper import OpenAIWhisperEngine
-from heimdall_edge.resilience import CallPolicy, CloudError, classify
+from heimdall_edge.resilience import CallPolicy, CloudError, ErrorKind, classify
 from heimdall_edge.streams import aclose, closing
 from heimdall_edge.voice_cache import VoiceCache, VoiceCacheError, cache_key
 
@@ -213,6 +213,14 @@ class Engines:
             "transcribe", from_cloud if cloud else None, from_local, self._hedge_after("stt")
         )
         return answer.first
+
+    async def transcribe_in_cloud(self, audio: Audio) -> Transcript:
+        """Cloud Whisper alone, under its policy (breaker, rate limit, deadline): to upgrade
+        what the device transcribed while the cloud was away. A CloudError if it cannot."""
+        cloud = self.cloud_stt
+        if cloud is None:
+            raise CloudError("openai", ErrorKind.CLIENT, "no cloud speech-to-text configured")
+        return await cloud.policy.call(lambda timeout: cloud.engine.transcribe(audio, timeout))
 
     async def reply(self, request: ReplyRequest) -> Answer[str]:
         """The answer, sentence by sentence; the first sentence is here when this returns."""

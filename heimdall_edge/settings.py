@@ -175,6 +175,8 @@ class SpeechToTextSettings(Section):
     """Language hint (ISO 639-1). Unset: detect it (not possible with .en models)."""
     cpu_threads: Annotated[int, Field(ge=0, le=64)] = 0
     """Inference threads; 0 lets CTranslate2 choose (all cores)."""
+    upgrade: bool = True
+    """With an OpenAI key: once cloud Whisper is reachable again, transcribe again what the device transcribed without it (idle time only; both transcripts kept)."""
 
 
 class TextToSpeechSettings(Section):

@@ -58,8 +58,8 @@ CAPTURE_ID = re.compile(r"\d{8}T\d{9}Z-[0-9a-f]{8}")
 FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 UPDATABLE = frozenset(
-    {"transcript", "reply", "engines", "timings_ms", "status", "error", "sync_state", "extra",
-     "lease"}
+    {"transcript", "transcript_on_device", "reply", "engines", "timings_ms", "status", "error",
+     "sync_state", "extra", "lease"}
 )  # fmt: skip
 BOOKKEEPING = frozenset({"sync_state", "extra", "lease"})
 """Where the capture stands on this device; not part of what goes up in its record."""
@@ -114,6 +114,10 @@ class CaptureRecord:
     trigger: Trigger
     files: dict[str, FileInfo]
     transcript: str | None = None
+    """The best transcript: cloud Whisper's once it has heard the audio (heimdall_edge.upgrade)."""
+    transcript_on_device: str | None = None
+    """What the device's own engine heard, kept when cloud Whisper's replaced it
+    (its engine is engines["stt_on_device"])."""
     reply: str | None = None
     engines: dict[str, str] = field(default_factory=dict)
     timings_ms: dict[str, float] = field(default_factory=dict)
@@ -157,7 +161,12 @@ class CaptureRecord:
             "extra": dict(self.extra),
             "lease": None if self.lease is None else dict(self.lease),
             "revision": self.revision,
-        }
+        } | (
+            # Only when there is one: a record of an earlier version keeps the same bytes.
+            {"transcript_on_device": self.transcript_on_device}
+            if self.transcript_on_device is not None
+            else {}
+        )
 
     @classmethod
     def from_dict(cls, data: Any) -> CaptureRecord:
@@ -193,6 +202,9 @@ class CaptureRecord:
             trigger=_choice(data, "trigger", TRIGGERS),  # type: ignore[arg-type]
             files=_parse_files(_typed(data, "files", dict)),
             transcript=_typed(data, "transcript", str, optional=True),
+            transcript_on_device=_typed(data, "transcript_on_device", str, optional=True)
+            if "transcript_on_device" in data
+            else None,
             reply=_typed(data, "reply", str, optional=True),
             engines=_parse_engines(_typed(data, "engines", dict)),
             timings_ms=_parse_timings(_typed(data, "timings_ms", dict)),
