@@ -37,6 +37,7 @@ from heimdall_edge.routing import Engines
 from heimdall_edge.sdnotify import HealthWatchdog, Notifier
 from heimdall_edge.settings import Settings
 from heimdall_edge.spool import Spool
+from heimdall_edge.spool_keeper import SpoolKeeper
 from heimdall_edge.sync import Syncer
 from heimdall_edge.upgrade import Upgrade
 
@@ -117,6 +118,8 @@ class Appliance:
         self.engines = engines
         self.spool = spool
         self.syncer = syncer
+        self.keeper = syncer.keeper if syncer else SpoolKeeper(spool, settings.sync)
+        """Retention and quota, one per process: the syncer's when there is one."""
         self.notifier = notifier or Notifier()
         self.watchdog = HealthWatchdog.from_env(self.notifier, clock=clock)
         self._microphone = _PulsingMicrophone(devices.microphone, self.watchdog.beat, self.notifier)
@@ -134,7 +137,7 @@ class Appliance:
             engines=engines,
             speaker=ListeningSpeaker(devices.speaker, self.listener),
             indicator=devices.indicator,
-            make_room=syncer.make_room if syncer else None,
+            make_room=self.keeper.make_room,
             on_kept=self._recorded,
             clock=clock,
         )

@@ -274,8 +274,7 @@ async def _demo(
         wake = joined(spoken, SAMPLE_RATE)
         lines = [silence(500) + wake + silence(400) + said]
     devices = builders.build_simulated_devices(settings, inputs=lines, realtime=False, **room)
-    syncer = builders.build_syncer(settings, spool)  # for the quota; `sync` delivers
-    appliance = Appliance(settings, devices, engines, spool, syncer=syncer)
+    appliance = Appliance(settings, devices, engines, spool)  # keeps the quota; `sync` delivers
     try:
         await appliance.start()
         if not wake_phrase:  # the simulated person taps the button, then speaks

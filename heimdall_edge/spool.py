@@ -620,6 +620,13 @@ class Spool:
             finally:
                 os.close(fd)  # and with it the flock
 
+    def folder_bytes(self, capture_id: str) -> int:
+        """What one capture's folder holds on disk; 0 if it is gone (or cannot be read)."""
+        try:
+            return _folder_bytes(self.path(capture_id))
+        except (OSError, CaptureNotFoundError):
+            return 0
+
     def disk_usage(self) -> int:
         """Bytes held by the spool: captures, index, staging and quarantine."""
         total = 0

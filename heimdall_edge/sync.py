@@ -26,8 +26,9 @@ else ever gives up.
 `Syncer.run()` is the long-lived service task: it drains pending captures, backs
 off (exponentially, with jitter) while the store fails, waits while the device is
 offline or the store's breaker is open, and drains at once when the network
-returns or a new capture is kept (`notify()`). It also keeps the spool within its
-quota and retention (`make_room`, `apply_retention`).
+returns or a new capture is kept (`notify()`). After each pass the spool's keeper
+(spool_keeper.py) applies retention and the quota; the syncer tells it which captures
+it is uploading, so none of them is evicted meanwhile.
 
 boto3 blocks: every store call runs in a worker thread (`asyncio.to_thread`).
 """
@@ -39,14 +40,12 @@ import collections
 import contextlib
 import enum
 import logging
-import os
 import random
-import shutil
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -69,6 +68,7 @@ from heimdall_edge.spool import (
     SpoolError,
     iso_utc,
 )
+from heimdall_edge.spool_keeper import SpoolKeeper
 
 if TYPE_CHECKING:
     from heimdall_edge.cloudstore import CaptureStore
@@ -78,7 +78,6 @@ log = logging.getLogger(__name__)
 
 SERVICE = "s3"
 SYNC_OFF = "sync off: no bucket set (HEIMDALL_S3_BUCKET); captures stay on the device"
-MiB = 1024 * 1024
 HELD_POLL_S = 5.0
 """While a capture's turn is still being recorded (its lease held), look again this often."""
 STALE_UPLOAD_S = 3600.0
@@ -90,10 +89,8 @@ this many captures in a row fail so (a missing bucket fails them all)."""
 BURST_S = 0.25
 """The bandwidth cap lets this many seconds' worth of bytes through at once."""
 
-TOTALS = (
-    "synced", "bytes", "failed", "quarantined", "expired", "evicted_synced", "evicted_unsynced",
-)  # fmt: skip
-"""Counters kept since the syncer started, shown by status()."""
+TOTALS = ("synced", "bytes", "failed", "quarantined")
+"""Counters kept since the syncer started, shown by status() with the keeper's."""
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
@@ -265,7 +262,10 @@ class Syncer:
         stale_upload_s: float = STALE_UPLOAD_S,
         backoff_base_s: float = BACKOFF_BASE_S,
         bandwidth: TokenBucket | None = None,
+        keeper: SpoolKeeper | None = None,
     ) -> None:
+        """`keeper` is the process's retention and quota (shared with the turn); unset: one
+        of the syncer's own."""
         self.spool = spool
         self.store = store
         self.settings = settings
@@ -282,8 +282,8 @@ class Syncer:
             bandwidth = TokenBucket(settings.bandwidth_kbps * 1000)
         self.bandwidth = bandwidth
 
-        self._lock = threading.Lock()  # counters, in-flight set
-        self._in_flight: set[str] = set()
+        self.keeper = keeper or SpoolKeeper(spool, settings, wall_clock=wall_clock)
+        self._lock = threading.Lock()  # counters, confirmed files
         self._confirmed: dict[str, dict[str, tuple[str, str]]] = {}
         """Per pending capture: files S3 confirmed (name -> key, sha256) in this process."""
         self._totals: collections.Counter[str] = collections.Counter()
@@ -312,7 +312,7 @@ class Syncer:
         is called after each file.
         """
         store = self._require_store()
-        with self._claim(record.capture_id):
+        with self.keeper.in_use(record.capture_id):
             result = await self._sync_claimed(store, record.capture_id, progress)
         with self._lock:  # done with it, one way or another: forget its confirmed files
             self._confirmed.pop(record.capture_id, None)
@@ -588,131 +588,9 @@ class Syncer:
 
     async def _lifecycle(self, report: SyncReport) -> None:
         try:
-            report.expired = await asyncio.to_thread(self.apply_retention)
-            _fits, report.evicted = await asyncio.to_thread(self._make_room, 0)
+            report.expired, report.evicted = await asyncio.to_thread(self.keeper.sweep)
         except Exception:
             log.exception("retention or quota sweep failed; will try again next pass")
-
-    def apply_retention(self) -> int:
-        """Delete synced captures older than retention_days (0: every synced one); the count."""
-        days = self.settings.retention_days
-        cutoff = self._now() - timedelta(days=days)
-        deleted = 0
-        for record in reversed(self.spool.list(sync_state="synced")):
-            if days and record.created_at > cutoff:
-                break  # oldest first: the rest are younger
-            if self._is_in_flight(record.capture_id):
-                continue
-            try:
-                self.spool.delete(record.capture_id)
-            except CaptureNotFoundError:
-                continue
-            deleted += 1
-            self._count("expired")
-            log.info(
-                "deleted synced capture %s from the device: retention is %g days (it is in S3)",
-                record.capture_id,
-                days,
-            )
-        return deleted
-
-    def make_room(self, needed_bytes: int) -> bool:
-        """Make room for a new capture of `needed_bytes` within the quota; thread-safe.
-
-        Evicts synced captures oldest first; then, only with evict_unsynced, the oldest
-        unsynced ones (each a capture lost for good, logged as such). False when the
-        capture still would not fit: the caller refuses it.
-        """
-        fits, _evicted = self._make_room(needed_bytes)
-        return fits
-
-    def _make_room(self, needed_bytes: int) -> tuple[bool, int]:
-        quota = int(self.settings.quota_mb * MiB)
-        with self.spool.evicting():
-            usage = self.spool.disk_usage()
-            # A disk filled by something else counts too: the spool may use what it uses plus
-            # what is free, so a full disk evicts synced captures before a capture is refused.
-            disk_free = shutil.disk_usage(self.spool.root).free
-            # Where the disk, not the quota, is the limit, a capture is never refused here:
-            # the spool tries to write it and says itself when the disk is full.
-            disk_limited = usage + disk_free < quota
-            limit = (
-                "the disk's free space"
-                if disk_limited
-                else f"the {self.settings.quota_mb:g} MB spool quota"
-            )
-            if disk_limited:
-                quota = usage + disk_free
-                log.debug("the disk has %d bytes free: the spool's room ends there", disk_free)
-            if usage + needed_bytes <= quota:
-                return True, 0
-            evicted = 0
-            tiers = [("synced", lambda r: r.sync_state == "synced")]
-            if self.settings.evict_unsynced:
-                tiers.append(("unsynced", lambda r: r.sync_state != "synced"))
-            records = self.spool.list()
-            evictable = sum(
-                self._folder_bytes(r.capture_id)
-                for r in records
-                if any(wanted(r) for _tier, wanted in tiers)
-                and not self._is_in_flight(r.capture_id)
-            )
-            if usage - evictable + needed_bytes > quota:
-                log.warning(
-                    "spool over quota: %d bytes used + %d needed > %g MB, and evicting every "
-                    "capture allowed (%s) would not make room: nothing evicted",
-                    usage, needed_bytes, self.settings.quota_mb,
-                    "synced or not" if self.settings.evict_unsynced else "synced only",
-                )  # fmt: skip
-                return disk_limited, 0
-
-            def fits() -> bool:
-                # The running total is an estimate: deleting rows grows the index's WAL, so
-                # before stopping, measure again and go on evicting if it still does not fit.
-                nonlocal usage
-                if usage + needed_bytes > quota:
-                    return False
-                usage = self.spool.disk_usage()
-                return usage + needed_bytes <= quota
-
-            for tier, wanted in tiers:
-                if fits():
-                    break
-                for record in reversed(records):
-                    if fits():
-                        break
-                    if not wanted(record) or self._is_in_flight(record.capture_id):
-                        continue
-                    try:
-                        freed = self.spool.delete(record.capture_id)
-                    except CaptureNotFoundError:
-                        continue
-                    usage -= freed
-                    evicted += 1
-                    self._count(f"evicted_{tier}")
-                    if tier == "synced":
-                        log.warning(
-                            "evicted synced capture %s (%d bytes, created %s) to stay within "
-                            "%s; it is in S3",
-                            record.capture_id, freed, iso_utc(record.created_at), limit,
-                        )  # fmt: skip
-                    else:
-                        log.warning(
-                            "evicted UNSYNCED capture %s (%d bytes, created %s) to stay within "
-                            "%s (evict_unsynced is on): it never reached the cloud and is lost",
-                            record.capture_id, freed, iso_utc(record.created_at), limit,
-                        )  # fmt: skip
-            room = fits()
-            if not room:
-                log.warning(
-                    "spool over quota: %d bytes used + %d needed > %g MB, and nothing %s can be "
-                    "evicted",
-                    usage,
-                    needed_bytes,
-                    self.settings.quota_mb,
-                    "more" if self.settings.evict_unsynced else "synced (evict_unsynced is off)",
-                )
-            return room or disk_limited, evicted
 
     # -- the service -----------------------------------------------------------------------------
 
@@ -909,7 +787,7 @@ class Syncer:
             "last_error_at": iso_utc(self._last_error_at) if self._last_error_at else None,
             "breaker": self.breaker.snapshot()["state"],
             "online": self.connectivity.online if self.connectivity is not None else None,
-            "totals": {name: totals.get(name, 0) for name in TOTALS},
+            "totals": {name: totals.get(name, 0) for name in TOTALS} | self.keeper.totals,
         }
 
     def _summary(self, counts: dict[str, int]) -> str:
@@ -1021,29 +899,6 @@ class Syncer:
             await self._quarantine(capture_id, problems)
             return Outcome.QUARANTINED
         return None
-
-    @contextlib.contextmanager
-    def _claim(self, capture_id: str) -> Iterator[None]:
-        """Mark a capture in flight, so eviction and retention leave it alone meanwhile."""
-        with self._lock:
-            self._in_flight.add(capture_id)
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._in_flight.discard(capture_id)
-
-    def _folder_bytes(self, capture_id: str) -> int:
-        total = 0
-        with contextlib.suppress(OSError, CaptureNotFoundError):
-            for entry in os.scandir(self.spool.path(capture_id)):
-                with contextlib.suppress(OSError):
-                    total += entry.stat(follow_symlinks=False).st_size
-        return total
-
-    def _is_in_flight(self, capture_id: str) -> bool:
-        with self._lock:
-            return capture_id in self._in_flight
 
     def _count(self, name: str, n: int = 1) -> None:
         with self._lock:

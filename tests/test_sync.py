@@ -30,6 +30,7 @@ from heimdall_edge.connectivity import Connectivity
 from heimdall_edge.resilience import BreakerState, CircuitBreaker, ErrorKind
 from heimdall_edge.settings import SyncSettings
 from heimdall_edge.spool import CaptureRecord, Spool
+from heimdall_edge.spool_keeper import SpoolKeeper
 from heimdall_edge.sync import SYNC_OFF, Outcome, Syncer, SyncProgress, TokenBucket
 
 TIMEOUT = 20.0
@@ -110,6 +111,10 @@ def capture(
             lease=None,
         )
     return record
+
+
+def keeper(spool: Spool, **settings: Any) -> SpoolKeeper:
+    return SpoolKeeper(spool, SyncSettings(**settings))
 
 
 def syncer(spool: Spool, store: CaptureStore | None, **options: Any) -> Syncer:
@@ -618,7 +623,7 @@ async def test_retention_deletes_synced_captures_older_than_retention_days(
     young = capture(spool, when=NOW - timedelta(days=1))
     unsynced_old = capture(spool, when=NOW - timedelta(days=30), finished=False)
     sync = syncer(spool, store, retention_days=7, wall_clock=lambda: NOW)
-    with caplog.at_level(logging.INFO, logger="heimdall_edge.sync"):
+    with caplog.at_level(logging.INFO, logger="heimdall_edge.spool_keeper"):
         report = await asyncio.wait_for(sync.sync_once(), TIMEOUT)
     assert (report.synced, report.expired, report.waiting) == (2, 1, 1)
     assert {r.capture_id for r in spool.list()} == {young.capture_id, unsynced_old.capture_id}
@@ -658,30 +663,40 @@ def test_make_room_evicts_synced_captures_oldest_first(
     spool: Spool, caplog: pytest.LogCaptureFixture
 ) -> None:
     (s1, s2), pending = quota_spool(spool)
-    sync = syncer(spool, None, quota_mb=10)
+    keep = keeper(spool, quota_mb=10)
     assert spool.disk_usage() > 10 * MiB  # the files, plus records and the index
-    with caplog.at_level(logging.WARNING, logger="heimdall_edge.sync"):
-        assert sync.make_room(MiB) is True
+    with caplog.at_level(logging.WARNING, logger="heimdall_edge.spool_keeper"):
+        assert keep.make_room(MiB) is True
     assert ids(spool) == {s2.capture_id} | {p.capture_id for p in pending}
     assert spool.disk_usage() + MiB <= 10 * MiB
     logged = messages(caplog)
     assert any(f"evicted synced capture {s1.capture_id}" in m for m in logged), logged
-    assert sync.status()["totals"]["evicted_synced"] == 1
+    assert keep.totals["evicted_synced"] == 1
 
     # 5 MiB more cannot fit even without s2: nothing is evicted in vain, unsynced never.
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="heimdall_edge.sync"):
-        assert sync.make_room(5 * MiB) is False
+    with caplog.at_level(logging.WARNING, logger="heimdall_edge.spool_keeper"):
+        assert keep.make_room(5 * MiB) is False
     assert ids(spool) == {s2.capture_id} | {p.capture_id for p in pending}
     assert any("nothing evicted" in m for m in messages(caplog))
-    assert sync.make_room(0) is True
+    assert keep.make_room(0) is True
+
+
+def test_a_capture_being_uploaded_is_neither_evicted_nor_expired(spool: Spool) -> None:
+    (s1, s2), pending = quota_spool(spool)
+    keep = keeper(spool, quota_mb=10, retention_days=0)
+    with keep.in_use(s1.capture_id):  # as the syncer marks what it uploads
+        assert keep.make_room(MiB) is True
+        assert ids(spool) == {s1.capture_id} | {p.capture_id for p in pending}  # s2 went instead
+        assert keep.expire() == 0
+    assert keep.expire() == 1 and s1.capture_id not in ids(spool)
 
 
 EVICTOR = """
 import pathlib, sys, time
 from heimdall_edge.settings import SyncSettings
 from heimdall_edge.spool import Spool
-from heimdall_edge.sync import Syncer
+from heimdall_edge.spool_keeper import SpoolKeeper
 
 def slow_delete(self, capture_id, delete=Spool.delete):  # an SD card that takes its time
     time.sleep(0.3)
@@ -691,10 +706,10 @@ def slow_delete(self, capture_id, delete=Spool.delete):  # an SD card that takes
 Spool.delete = slow_delete
 root, go = sys.argv[1], pathlib.Path(sys.argv[2])
 with Spool(root) as spool:
-    syncer = Syncer(spool, None, SyncSettings(quota_mb=10), "pi-test")
+    keeper = SpoolKeeper(spool, SyncSettings(quota_mb=10))
     while not go.exists():
         time.sleep(0.001)
-    print(syncer.make_room(1024 * 1024), syncer.status()["totals"].get("evicted_synced", 0))
+    print(keeper.make_room(1024 * 1024), keeper.totals["evicted_synced"])
 """
 
 
@@ -722,9 +737,9 @@ def test_make_room_evicts_unsynced_captures_only_when_configured(
     spool: Spool, caplog: pytest.LogCaptureFixture
 ) -> None:
     (s1, s2), (p1, p2, p3) = quota_spool(spool)
-    sync = syncer(spool, None, quota_mb=10, evict_unsynced=True)
-    with caplog.at_level(logging.WARNING, logger="heimdall_edge.sync"):
-        assert sync.make_room(5 * MiB) is True
+    keep = keeper(spool, quota_mb=10, evict_unsynced=True)
+    with caplog.at_level(logging.WARNING, logger="heimdall_edge.spool_keeper"):
+        assert keep.make_room(5 * MiB) is True
     assert ids(spool) == {p2.capture_id, p3.capture_id}  # synced first, then the oldest pending
     logged = messages(caplog)
     for gone in (s1, s2):
@@ -732,9 +747,9 @@ def test_make_room_evicts_unsynced_captures_only_when_configured(
     assert (
         sum(f"evicted UNSYNCED capture {p1.capture_id}" in m and "lost" in m for m in logged) == 1
     )
-    totals = sync.status()["totals"]
+    totals = keep.totals
     assert (totals["evicted_synced"], totals["evicted_unsynced"]) == (2, 1)
-    assert sync.make_room(20 * MiB) is False  # larger than the quota itself
+    assert keep.make_room(20 * MiB) is False  # larger than the quota itself
     assert ids(spool) == {p2.capture_id, p3.capture_id}
 
 
@@ -743,28 +758,28 @@ def test_make_room_counts_what_evicting_adds_to_the_index(spool: Spool) -> None:
     # fits to the byte by the files' count alone did not fit on disk, and the capture
     # was refused although more could have been evicted.
     (s1, _s2), pending = quota_spool(spool)
-    sync = syncer(spool, None, quota_mb=10)
+    keep = keeper(spool, quota_mb=10)
     folder = spool.root / "captures" / s1.capture_id
     s1_bytes = sum(f.stat().st_size for f in folder.iterdir())
     needed = 10 * MiB - (spool.disk_usage() - s1_bytes)  # evicting s1 frees exactly this
-    assert sync.make_room(needed) is True
+    assert keep.make_room(needed) is True
     assert spool.disk_usage() + needed <= 10 * MiB
     assert ids(spool) == {p.capture_id for p in pending}  # s2 went too, to make up the index
 
 
 def test_make_room_is_safe_from_many_threads(spool: Spool) -> None:
     quota_spool(spool)
-    sync = syncer(spool, None, quota_mb=10, evict_unsynced=True)
+    keep = keeper(spool, quota_mb=10, evict_unsynced=True)
     results: list[bool] = []
     threads = [
-        threading.Thread(target=lambda: results.append(sync.make_room(2 * MiB))) for _ in range(4)
+        threading.Thread(target=lambda: results.append(keep.make_room(2 * MiB))) for _ in range(4)
     ]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     assert results == [True] * 4
-    totals = sync.status()["totals"]
+    totals = keep.totals
     gone = 5 - len(spool.list())
     assert gone >= 2  # the first caller alone needed two
     assert totals["evicted_synced"] + totals["evicted_unsynced"] == gone  # each counted once
