@@ -683,7 +683,7 @@ def test_make_room_evicts_synced_captures_oldest_first(
 
 
 def test_a_capture_being_uploaded_is_neither_evicted_nor_expired(spool: Spool) -> None:
-    (s1, s2), pending = quota_spool(spool)
+    (s1, _s2), pending = quota_spool(spool)
     keep = keeper(spool, quota_mb=10, retention_days=0)
     with keep.in_use(s1.capture_id):  # as the syncer marks what it uploads
         assert keep.make_room(MiB) is True
