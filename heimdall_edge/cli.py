@@ -151,6 +151,7 @@ def run(
 async def serve(settings: Settings, devices: Devices, *, simulate: bool = False) -> None:
     """The service until SIGTERM/SIGINT: start, serve turns, stop gracefully, close devices."""
     from heimdall_edge.appliance import Appliance
+    from heimdall_edge.sdnotify import Notifier, extending_startup
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -162,11 +163,16 @@ async def serve(settings: Settings, devices: Devices, *, simulate: bool = False)
         loop.add_signal_handler(
             signal.SIGUSR1, lambda: asyncio.ensure_future(press_mock_button(devices.button))
         )
+    notifier = Notifier()
     try:
-        engines, spool = builders.build_engines(settings), builders.open_spool(settings)
-        syncer = builders.build_syncer(settings, spool, engines.connectivity)
-        appliance = Appliance(settings, devices, engines, spool, syncer=syncer)
-        await appliance.start()
+        async with extending_startup(notifier):
+            spool = await asyncio.to_thread(builders.open_spool, settings)  # may recover
+            engines = builders.build_engines(settings)
+            syncer = builders.build_syncer(settings, spool, engines.connectivity)
+            appliance = Appliance(
+                settings, devices, engines, spool, syncer=syncer, notifier=notifier
+            )
+            await appliance.start()
         log.info("ready: listening in %s mode", settings.listening.mode)
         await appliance.serve(stop)
     finally:

@@ -16,11 +16,12 @@ ping, so a wedged loop stops the pings and systemd restarts the service
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Self
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,35 @@ class Notifier:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+STARTUP_STEP_S = 30.0
+"""While start-up work runs, each EXTEND_TIMEOUT_USEC asks for this much more time."""
+
+
+@contextlib.asynccontextmanager
+async def extending_startup(
+    notifier: Notifier, step_s: float = STARTUP_STEP_S
+) -> AsyncIterator[None]:
+    """Keep systemd's start timeout ahead of the work in the block (a spool recovering a
+    large backlog, models loading on a slow SD card): EXTEND_TIMEOUT_USEC now and every
+    third of `step_s`, so start-up that makes progress is never killed by TimeoutStartSec.
+
+    The block's blocking work must run in threads, or the extensions cannot be sent.
+    """
+
+    async def extend() -> None:
+        while True:
+            notifier.extend_timeout(step_s)
+            await asyncio.sleep(step_s / 3)
+
+    task = asyncio.create_task(extend(), name="extend-startup")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def watchdog_interval(

@@ -77,6 +77,8 @@ async def test_button_press_on_simulated_service_runs_a_whole_interaction(
     assert {"audio.wav", "reply.wav", "frame-00.jpg"} <= set(record.files)
     lines = notify.lines()
     assert lines.index("READY=1") < lines.index("WATCHDOG=1") < lines.index("STOPPING=1")
+    # Start-up asked for time before READY (a recovery or a slow card never hits TimeoutStartSec).
+    assert lines.index("EXTEND_TIMEOUT_USEC=30000000") < lines.index("READY=1")
     assert "STATUS=listening (button)" in lines
     status = json.loads((settings.state_dir / "status.json").read_text())
     assert status["captures"]["pending"] == 1 and status["breakers"] == {}

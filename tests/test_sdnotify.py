@@ -10,7 +10,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from heimdall_edge.sdnotify import HealthWatchdog, Notifier, socket_address, watchdog_interval
+from heimdall_edge.sdnotify import (
+    HealthWatchdog,
+    Notifier,
+    extending_startup,
+    socket_address,
+    watchdog_interval,
+)
 
 TIMEOUT = 5.0
 
@@ -277,3 +283,14 @@ async def test_run_pings_after_each_beat_and_stops_when_the_loop_wedges(receiver
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await asyncio.wait_for(task, timeout=TIMEOUT)
+
+
+async def test_long_start_up_keeps_extending_the_start_timeout_until_it_ends(receiver):
+    with Notifier(receiver.notify_socket) as notifier:
+        async with extending_startup(notifier, step_s=0.3):
+            await asyncio.sleep(0.25)  # start-up work: a recovery, models loading
+        sent = receiver.pending()
+        assert len(sent) >= 3  # at once, then every 0.1 s
+        assert set(sent) == {b"EXTEND_TIMEOUT_USEC=300000"}
+        await asyncio.sleep(0.25)
+        assert receiver.pending() == []  # stopped with the block
