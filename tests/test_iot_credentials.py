@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -203,13 +204,16 @@ def moto_issuer(aws: MotoServer, things: list[str]) -> Any:
         roles[thing] = role["Arn"]
 
     def issue(thing: str, _alias: str, duration_s: int) -> dict[str, str]:
+        # STS (and the real provider) issue at least 900 s; a test's shorter lifetime is
+        # the expiration the fake announces, so the device refreshes on the test's clock.
         got = sts.assume_role(RoleArn=roles[thing], RoleSessionName=thing,
-                              DurationSeconds=duration_s)["Credentials"]  # fmt: skip
+                              DurationSeconds=max(900, duration_s))["Credentials"]  # fmt: skip
+        expiration = datetime.now(UTC) + timedelta(seconds=duration_s)
         return {
             "accessKeyId": got["AccessKeyId"],
             "secretAccessKey": got["SecretAccessKey"],
             "sessionToken": got["SessionToken"],
-            "expiration": got["Expiration"].strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "expiration": expiration.strftime("%Y-%m-%dT%H:%M:%SZ"),
         }
 
     return issue
@@ -312,3 +316,36 @@ def test_a_bad_key_is_named_in_sync_and_doctor_and_the_captures_wait(
     assert [c["sync_state"] for c in json.loads(heimdall("captures", "--json").stdout)] == [
         "synced"
     ]
+
+
+def test_the_service_refreshes_its_credentials_before_they_expire(
+    fleet: tuple[MotoServer, FakeIotProvider], clip: Path, speech_dir: Path
+) -> None:
+    aws, iot = fleet
+    iot.aliases[ALIAS] = REFRESH_BEFORE_S + 2  # due for refresh 2 s after each fetch
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "heimdall_edge.cli", "sync"],
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "HEIMDALL_SYNC__INTERVAL_S": "0.5"},
+    )  # fmt: skip
+    try:
+        for wav in (clip, speech_dir / "sr_english.wav"):
+            made = heimdall("demo", "--input", str(wav), "--json")
+            assert made.returncode == 0, made.stderr
+            deadline = time.monotonic() + 60
+            while "pending" in {
+                c["sync_state"] for c in json.loads(heimdall("captures", "--json").stdout)
+            }:
+                if time.monotonic() > deadline or daemon.poll() is not None:
+                    daemon.terminate()
+                    raise AssertionError("not synced:\n" + daemon.communicate(timeout=60)[1])
+                time.sleep(0.5)
+            time.sleep(2.5)  # the credentials are now inside their refresh margin
+    finally:
+        daemon.terminate()
+        _out, err = daemon.communicate(timeout=60)
+    keys = [r.access_key for r in iot.issued()]
+    assert len(keys) >= 2 and len(set(keys)) == len(keys), keys  # fetched again, new each time
+    assert all(key not in err for key in keys)
+    aws.disable_auth()
+    listed = aws.client("s3").list_objects_v2(Bucket=BUCKET)["Contents"]
+    assert len({o["Key"].split("/")[-2] for o in listed}) == 2  # both captures, both accepted
