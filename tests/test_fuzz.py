@@ -378,7 +378,22 @@ def valid_mutations(draw: st.DrawFn) -> tuple[dict[str, Any], list[tuple[str | N
         value = draw(strategy)
         (doc.setdefault(section, {}) if section else doc)[name] = value
         changes.append((section, name, value))
+    sync = doc.get("sync", {})
+    if sync.get("credentials") == "iot":  # valid only with a whole identity, named by its thing
+        for name, value in IOT_IDENTITY.items():
+            sync.setdefault(name, value)
+        doc["device_id"] = sync["iot_thing_name"]
+        changes = [change for change in changes if change[:2] != (None, "device_id")]
     return doc, changes
+
+
+IOT_IDENTITY = {
+    "iot_endpoint": "c2ab.credentials.iot.eu-west-1.amazonaws.com",
+    "iot_role_alias": "heimdall-sync",
+    "iot_thing_name": "kitchen-pi",
+    "iot_cert": "/etc/heimdall-edge/iot/certificate.pem.crt",
+    "iot_key": "/etc/heimdall-edge/iot/private.pem.key",
+}
 
 
 def test_config_example_loads_as_is(tmp_path: Path) -> None:
