@@ -14,6 +14,25 @@ must hold:
   and in DynamoDB once, with nothing orphaned; the spool reopens clean and verifies;
 * every process that was not killed exited 0; the service synced while it ran.
 
+Then the extended modes (issue 10, item 9), each about 45 s:
+
+* clock steps: the service processes under libfaketime, their wall clock stepped +1 h,
+  +1 day, -10 min and back (the monotonic clock untouched) at random and shortly after a
+  turn began, while the store refuses a signature more than 15 minutes off, as AWS does;
+* two syncers at once and SIGKILLs between revisions: `heimdall-edge sync` (a daemon, or
+  `--once` again and again) on the same state dir beside the service, under the smallest
+  quota (10 MB, with ballast in the spool's folder so a short run reaches it), and kills
+  planned right after a capture was kept, right after the backfill recorded a capture
+  cut short, and (for the second syncer) when a capture's newest revision is newer than
+  its record in S3.
+
+Both keep every check of the first test (none lost, every capture in S3 and DynamoDB at
+its last revision, capture.json at the index's revision), add their own (nothing evicted
+unsynced with evict_unsynced off, every evicted capture in the store at its last revision,
+no eviction freeing more than its need plus one capture), and assert that the run really
+did what it claims: a step during a turn, the store refusing for the clock, both
+processes evicting, kills that cut a turn and a revision newer than the store's.
+
 On failure the message carries the whole summary (interactions, kills, captures,
 fault timeline). `HEIMDALL_CHAOS_SEED=N` replays another schedule; each process's
 stderr is kept under the test's tmp_path (chaos/logs/).
@@ -26,10 +45,12 @@ import os
 from pathlib import Path
 
 import pytest
+from chaos_clock import probe_steps
 from chaos_driver import Chaos, ChaosConfig
 
 INTERACTIONS = 40
 MINUTES = 0.75  # no new service process after this, so the test stays well under 90 s
+EXTENDED_MINUTES = 0.6  # each extended mode: about 45 s in all
 SEED = int(os.environ.get("HEIMDALL_CHAOS_SEED", "20261127"))
 
 
@@ -54,3 +75,68 @@ async def test_chaos_no_capture_lost_every_turn_answered_every_capture_synced_on
     assert report.store_outages >= 1, summary
     assert len(report.cloud_phases) >= 4, summary
     assert report.synced_by_service > 0, "the service never synced while running\n" + summary
+
+
+def test_libfaketime_steps_the_wall_clock_and_not_the_monotonic_one(tmp_path: Path) -> None:
+    # The mechanism of the clock-step mode: a Python process under libfaketime sees each
+    # step of its timestamp file in time.time() at once, and time.monotonic() untouched.
+    for step in probe_steps(tmp_path):
+        assert abs(step["wall_step_s"] - step["expected_s"]) < 1.0, step
+        assert abs(step["monotonic_step_s"]) < 1.0, step
+
+
+@pytest.mark.timeout(240)
+async def test_chaos_clock_steps_mid_turn_nothing_lost_nothing_behind_its_revision(
+    tmp_path: Path, speech_dir: Path, models_dir: Path
+) -> None:
+    config = ChaosConfig(
+        work_dir=tmp_path / "chaos",
+        speech_dir=speech_dir,
+        models_dir=models_dir,
+        interactions=INTERACTIONS,
+        minutes=EXTENDED_MINUTES,
+        seed=SEED,
+        clock_steps=True,
+        kill_probability=0.4,  # fewer kills: more turns for the steps to land in
+    )
+    report = await asyncio.wait_for(Chaos(config).run(), timeout=200)
+    summary = report.summary()
+    print(summary)
+    assert not report.failures, summary
+    assert report.steps_in_turn >= 1, "no clock step landed during a turn\n" + summary
+    assert report.stamped_off >= 1, "no capture was kept under a stepped clock\n" + summary
+    assert sum(report.store_refused.values()) >= 1, "the store never refused the clock\n" + summary
+    assert report.clock_refused >= 1, "no capture was refused for the clock\n" + summary
+    assert report.kills >= 1, summary
+
+
+@pytest.mark.timeout(240)
+async def test_chaos_two_syncers_under_a_quota_and_kills_between_revisions(
+    tmp_path: Path, speech_dir: Path, models_dir: Path
+) -> None:
+    config = ChaosConfig(
+        work_dir=tmp_path / "chaos",
+        speech_dir=speech_dir,
+        models_dir=models_dir,
+        interactions=INTERACTIONS,
+        minutes=EXTENDED_MINUTES,
+        seed=SEED,
+        second_syncer="mixed",
+        quota_mb=10,  # the smallest allowed
+        ballast_mb=8,  # other data: 8 MB growing to 8.8 MB and cut back, again and again
+        ballast_growth_kb_s=50,
+        ballast_max_mb=8.8,
+        revision_kills=True,
+    )
+    report = await asyncio.wait_for(Chaos(config).run(), timeout=200)
+    summary = report.summary()
+    print(summary)
+    assert not report.failures, summary
+    evictors = {e.process.split(" #")[0] for e in report.evicted.values()}
+    assert {"service", "sync"} <= evictors, "not both processes evicted\n" + summary
+    assert all(e.exact for e in report.events if e.evictions), summary
+    assert any(p.killed for p in report.syncer_runs), summary
+    assert any(p.terminated for p in report.syncer_runs), summary
+    kills = report.kills_between_revisions()
+    assert kills["mid-turn (kept, outcome not recorded)"] >= 1, summary
+    assert kills["newest revision newer than the one in S3"] >= 1, summary
