@@ -853,9 +853,13 @@ def _from_client_error(
         )
 
     label = safe_code or (f"HTTP {status}" if status else "no code")
-    if code in _CLOCK:
+    said = str((response.get("Error") or {}).get("Message") or "")
+    if code in _CLOCK or (code == "InvalidSignatureException" and "expired" in said.lower()):
+        # DynamoDB says "Signature expired" for the same skew. Not AUTH: a clock fixes
+        # itself (NTP steps it within seconds of reaching a server), so the store is tried
+        # again at the usual pace, not after the breaker's auth_reset_s.
         return error(
-            ErrorKind.AUTH,
+            ErrorKind.SERVER,
             f"the device clock is wrong ({label}), so AWS refuses the request: sync it "
             "(timedatectl status; NTP must be reachable)",
         )

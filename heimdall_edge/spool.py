@@ -101,6 +101,11 @@ class CaptureNotFoundError(SpoolError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class CaptureChangedError(SpoolError):
+    """The capture changed since it was read (a new revision, another sync state): the
+    caller decided on an older record and must look again."""
+
+
 FileInfo = TypedDict("FileInfo", {"bytes": int, "sha256": str})
 
 
@@ -577,8 +582,12 @@ class Spool:
         log.warning("quarantined capture %s: %s (moved to %s)", capture_id, reason, target)
         return target
 
-    def delete(self, capture_id: str) -> int:
+    def delete(self, capture_id: str, *, unchanged: CaptureRecord | None = None) -> int:
         """Remove a capture for good (retention, quota); returns the bytes it held.
+
+        With `unchanged`, only if the capture is still at that record's revision and sync
+        state (CaptureChangedError if not): another process may have recorded a new
+        revision since the caller chose it, and that one is not in S3 yet.
 
         The folder leaves captures/ in one rename (into tmp/, which every opening
         empties) in the same transaction that drops its row, then is removed: a crash
@@ -589,10 +598,12 @@ class Spool:
             doomed = _free_name(self._tmp, f"deleted-{capture_id}")
             try:
                 size = _folder_bytes(folder)
-                self._remove_capture(folder, doomed)
+                self._remove_capture(folder, doomed, unchanged)
             except (OSError, sqlite3.Error) as exc:
                 if not durable.is_disk_full(exc):
                     raise self._storage_error(exc, f"capture {capture_id} was not deleted") from exc
+                if unchanged is not None and self.get(capture_id).revision != unchanged.revision:
+                    raise CaptureChangedError(f"capture {capture_id} changed: not deleted") from exc
                 self._delete_on_a_full_disk(folder, doomed)
         try:
             durable.remove(doomed)
@@ -650,15 +661,18 @@ class Spool:
             (record.capture_id, record.sync_state, _record_row(record)),
         )
 
-    def _require_row(self, capture_id: str) -> None:
-        """Inside a transaction: the capture is still indexed (another process may have removed it)."""
+    def _require_row(self, capture_id: str) -> CaptureRecord:
+        """Inside a transaction: the capture as indexed (another process may have removed it)."""
         row = self._db.execute(
-            "SELECT 1 FROM captures WHERE capture_id = ?", (capture_id,)
+            "SELECT record FROM captures WHERE capture_id = ?", (capture_id,)
         ).fetchone()
         if row is None or not (self._captures / capture_id).is_dir():
             raise CaptureNotFoundError(f"no capture {capture_id!r:.80} in the spool at {self.root}")
+        return CaptureRecord.from_dict(json.loads(row[0]))
 
-    def _remove_capture(self, folder: Path, target: Path) -> None:
+    def _remove_capture(
+        self, folder: Path, target: Path, unchanged: CaptureRecord | None = None
+    ) -> None:
         """Drop a capture's row and rename its folder out of captures/ (to `target`), as one.
 
         The rename is made durable before the row's deletion commits; if anything fails
@@ -668,7 +682,15 @@ class Spool:
         moved = False
         try:
             with self._transaction():
-                self._require_row(folder.name)
+                now = self._require_row(folder.name)
+                if unchanged is not None and (now.revision, now.sync_state) != (
+                    unchanged.revision,
+                    unchanged.sync_state,
+                ):
+                    raise CaptureChangedError(
+                        f"capture {folder.name} is now at revision {now.revision} "
+                        f"({now.sync_state}): not deleted"
+                    )
                 self._db.execute("DELETE FROM captures WHERE capture_id = ?", (folder.name,))
                 os.rename(folder, target)
                 moved = True

@@ -21,7 +21,13 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 
 from heimdall_edge.settings import SyncSettings
-from heimdall_edge.spool import CaptureNotFoundError, CaptureRecord, Spool, iso_utc
+from heimdall_edge.spool import (
+    CaptureChangedError,
+    CaptureNotFoundError,
+    CaptureRecord,
+    Spool,
+    iso_utc,
+)
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +95,9 @@ class SpoolKeeper:
                 break  # oldest first: the rest are younger
             if self._is_in_use(record.capture_id):
                 continue
-            try:
-                self.spool.delete(record.capture_id)
-            except CaptureNotFoundError:
+            try:  # only as listed: a revision recorded since then is not in S3
+                self.spool.delete(record.capture_id, unchanged=record)
+            except (CaptureNotFoundError, CaptureChangedError):
                 continue
             deleted += 1
             self._count("expired")
@@ -176,9 +182,9 @@ class SpoolKeeper:
                     return True, evicted
                 if not wanted(record) or self._is_in_use(record.capture_id):
                     continue
-                try:
-                    freed = self.spool.delete(record.capture_id)
-                except CaptureNotFoundError:
+                try:  # only as listed: a revision recorded since then is not in S3
+                    freed = self.spool.delete(record.capture_id, unchanged=record)
+                except (CaptureNotFoundError, CaptureChangedError):
                     continue
                 usage -= freed
                 freed_total += freed

@@ -696,13 +696,15 @@ def test_store_down_fails_fast_as_connection_then_recovers(
 # --- classify_aws -------------------------------------------------------------------------------
 
 
-def client_error(code: str, status: int, headers: dict[str, str] | None = None) -> Exception:
+def client_error(
+    code: str,
+    status: int,
+    headers: dict[str, str] | None = None,
+    message: str = "StringToSign AWS4-HMAC-SHA256 wJalrXUtnFEMI/K7MDENG secret",
+) -> Exception:
     return botocore.exceptions.ClientError(
         {
-            "Error": {
-                "Code": code,
-                "Message": "StringToSign AWS4-HMAC-SHA256 wJalrXUtnFEMI/K7MDENG secret",
-            },
+            "Error": {"Code": code, "Message": message},
             "ResponseMetadata": {"HTTPStatusCode": status, "HTTPHeaders": headers or {}},
         },
         "PutObject",
@@ -716,7 +718,10 @@ def client_error(code: str, status: int, headers: dict[str, str] | None = None) 
         (client_error("ExpiredTokenException", 400), ErrorKind.AUTH, "expired or invalid"),
         (client_error("UnrecognizedClientException", 400), ErrorKind.AUTH, "expired or invalid"),
         (client_error("AccessDenied", 403), ErrorKind.AUTH, "access denied to s3:PutObject (and kms:GenerateDataKey, kms:Decrypt) on b-1/k: grant it, see docs/iam-policy.json"),
-        (client_error("RequestTimeTooSkewed", 403), ErrorKind.AUTH, "the device clock is wrong"),
+        # A skewed clock fixes itself (NTP): retried at the usual pace, never auth_reset_s.
+        (client_error("RequestTimeTooSkewed", 403), ErrorKind.SERVER, "the device clock is wrong"),
+        (client_error("InvalidSignatureException", 400, message="Signature expired: 20261202T210000Z is now earlier than 20261202T200000Z (20261202T195500Z - 5 min.)"), ErrorKind.SERVER, "the device clock is wrong"),
+        (client_error("InvalidSignatureException", 400), ErrorKind.AUTH, "expired or invalid"),
         (client_error("SlowDown", 503), ErrorKind.RATE_LIMIT, "throttling"),
         (client_error("ProvisionedThroughputExceededException", 400), ErrorKind.RATE_LIMIT, "throttling"),
         (client_error("ThrottlingException", 400), ErrorKind.RATE_LIMIT, "throttling"),

@@ -692,15 +692,39 @@ def test_a_capture_being_uploaded_is_neither_evicted_nor_expired(spool: Spool) -
     assert keep.expire() == 1 and s1.capture_id not in ids(spool)
 
 
+def test_eviction_leaves_a_capture_revised_after_it_was_listed(tmp_path: Path) -> None:
+    """Found by the chaos run: another process (the service's backfill or upgrade) records a
+    new revision of a synced capture between the evictor's listing and its deletion."""
+    root = tmp_path / "spool"
+    with Spool(root) as evictor, Spool(root) as service:
+        six_mb = b"\0" * (6 * MiB)
+        old = evictor.create(device_id=DEVICE, trigger="button", audio_wav=six_mb, frames=[])
+        evictor.mark_synced(old.capture_id, old.revision, {"s3_keys": {}})
+        evictor.create(device_id=DEVICE, trigger="button", audio_wav=six_mb, frames=[])
+        listed = evictor.list
+
+        def list_then_the_service_revises(*args: Any, **kwargs: Any) -> list[CaptureRecord]:
+            records = listed(*args, **kwargs)
+            if not args and not kwargs:  # the keeper's listing, under the evict lock
+                service.update(old.capture_id, transcript="what the person said", status="failed")
+            return records
+
+        evictor.list = list_then_the_service_revises  # type: ignore[method-assign]
+        keep = keeper(evictor, quota_mb=10)
+        assert keep.sweep() == (0, 0)
+        revised = service.get(old.capture_id)  # still there, pending: it goes up next
+        assert (revised.revision, revised.sync_state) == (old.revision + 1, "pending")
+
+
 EVICTOR = """
 import pathlib, sys, time
 from heimdall_edge.settings import SyncSettings
 from heimdall_edge.spool import Spool
 from heimdall_edge.spool_keeper import SpoolKeeper
 
-def slow_delete(self, capture_id, delete=Spool.delete):  # an SD card that takes its time
+def slow_delete(self, capture_id, delete=Spool.delete, **only_if):  # a slow SD card
     time.sleep(0.3)
-    return delete(self, capture_id)
+    return delete(self, capture_id, **only_if)
 
 
 Spool.delete = slow_delete
