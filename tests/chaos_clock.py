@@ -37,8 +37,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
-from moto_server import MotoServer, _Server
+from moto_server import MotoServer
 
 FAKETIME_LIBS = (
     "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
@@ -50,6 +49,8 @@ REAL = "+0"
 OFFSETS_S = {"+0": 0.0, "+1h": 3600.0, "+1d": 86400.0, "-10m": -600.0}
 """The steps: an hour and a day ahead (the store refuses the signature), ten minutes back
 (within AWS's 15 minutes), and back to the real time."""
+REFUSED = ("+1h", "+1d")
+"""The steps past MAX_SKEW_S."""
 MAX_SKEW_S = 15 * 60
 """AWS's limit on the difference between a request's signature time and its own clock."""
 
@@ -202,6 +203,15 @@ class ClockStepper:
             return REAL
         return self.rng.choice([o for o in OFFSETS_S if o not in (REAL, self.offset)])
 
+    def _turn_offset(self) -> str:
+        """In a turn, mostly a step the store refuses: the turn's capture is synced as it ends."""
+        refused = [o for o in REFUSED if o != self.offset]
+        if self.offset in REFUSED and self.rng.random() < 0.5:
+            return REAL
+        if self.rng.random() < 0.7:
+            return self.rng.choice(refused)
+        return "-10m" if self.offset != "-10m" else REAL
+
     def _run(self) -> None:
         while not self._stop.is_set():
             by_turn = self._turn.wait(self.rng.uniform(*self.interval_s))
@@ -210,7 +220,9 @@ class ClockStepper:
             if by_turn:
                 self._turn.clear()
                 time.sleep(self.rng.uniform(*self.turn_delay_s))
-            self.step(self._next_offset(), "turn" if by_turn else "timer")
+                self.step(self._turn_offset(), "turn")
+            else:
+                self.step(self._next_offset(), "timer")
 
 
 # --- a store that checks the signature's time, as AWS does -----------------------------------
@@ -278,17 +290,5 @@ class SkewCheckingMotoServer(MotoServer):
         super().__init__(*args, **kwargs)
         self.refused: collections.Counter[str] = collections.Counter()
 
-    def start(self) -> None:
-        if self._server is not None:
-            return
-        app = _SkewCheck(DomainDispatcherApplication(create_backend_app), self.refused)
-        server = _Server(self.host, self.port, app)
-        self.port = server.server_address[1]
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever,
-            kwargs={"poll_interval": 0.02},
-            name=f"moto-{self.port}",
-            daemon=True,
-        )
-        self._thread.start()
+    def _app(self) -> Any:
+        return _SkewCheck(super()._app(), self.refused)

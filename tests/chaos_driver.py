@@ -812,7 +812,7 @@ class Chaos:
             return ("none", 0, 0.0)
         if config.revision_kills and rng.random() < 0.6:
             # Mid-turn: the capture kept (a revision), its outcome not recorded yet.
-            return ("kept", rng.randrange(size), rng.uniform(0.0, 0.4))
+            return ("kept", rng.randrange(size), rng.uniform(0.0, 0.15))
         if rng.random() < 0.15:
             return ("startup", 0, rng.uniform(0.0, 2.5))
         return ("turn", rng.randrange(size), rng.uniform(0.0, 0.4))
