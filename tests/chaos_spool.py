@@ -34,6 +34,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from heimdall_edge import lease
+
 CAPTURE_ID = r"\d{8}T\d{9}Z-[0-9a-f]{8}"
 MAKING_ROOM_LINE = re.compile(
     r"making room: (\d+) bytes used \+ (\d+) needed > (\d+) quota: evicting"
@@ -63,7 +65,7 @@ INDEX_QUERY = """
 SELECT capture_id, sync_state,
        json_extract(record, '$.revision'),
        json_extract(record, '$.status'),
-       json_extract(record, '$.lease.pid'),
+       json_extract(record, '$.lease'),
        json_extract(record, '$.extra.s3_keys."capture.json"'),
        json_extract(record, '$.transcript') IS NULL,
        json_extract(record, '$.files')
@@ -78,10 +80,14 @@ class Row:
     sync_state: str
     revision: int
     status: str
-    lease_pid: int | None
+    lease: dict | None
     s3_revision: int
     """The revision of the record the last sync put in S3 (0: none yet)."""
     no_transcript: bool
+
+    @property
+    def lease_pid(self) -> int | None:
+        return self.lease.get("pid") if self.lease else None
 
     @property
     def revised_unsynced(self) -> bool:
@@ -309,7 +315,7 @@ class SpoolWatcher:
             return None
         try:
             result = {}
-            for cid, state, revision, status, pid, manifest, no_text, files in db.execute(
+            for cid, state, revision, status, held, manifest, no_text, files in db.execute(
                 INDEX_QUERY
             ):
                 match = MANIFEST_REVISION.search(manifest or "")
@@ -317,7 +323,7 @@ class SpoolWatcher:
                     state,
                     int(revision or 1),
                     status,
-                    pid,
+                    json.loads(held) if held else None,
                     int(match.group(1)) if match else 0,
                     bool(no_text),
                 )
@@ -358,7 +364,7 @@ class SpoolWatcher:
             return [
                 cid
                 for cid, row in self.rows.items()
-                if row.status == "captured" and row.no_transcript and not _alive(row.lease_pid)
+                if row.status == "captured" and row.no_transcript and not lease.is_held(row.lease)
             ]
 
     def state_at_kill(self, pid: int) -> dict[str, list]:
@@ -391,18 +397,6 @@ def _need(files: dict) -> int:
     audio = files.get("audio.wav", {}).get("bytes", WAV_HEADER)
     frames = sum(info["bytes"] for name, info in files.items() if name.startswith("frame-"))
     return audio - WAV_HEADER + frames + NEED_MARGIN
-
-
-def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def measure_events(

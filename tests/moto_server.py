@@ -87,6 +87,17 @@ def use_aws_test_env(monkeypatch: Any, region: str = DEFAULT_REGION) -> None:
         monkeypatch.setenv(name, value)
 
 
+def heimdall_store_env(server: MotoServer, bucket: str, table: str | None) -> dict[str, str]:
+    """The HEIMDALL_* settings that point the appliance's sync at `server`."""
+    env = {
+        "HEIMDALL_S3_BUCKET": bucket,
+        "HEIMDALL_S3_ENDPOINT_URL": server.url,
+        "HEIMDALL_DYNAMODB_ENDPOINT_URL": server.url,
+        "HEIMDALL_SYNC__REGION": server.region,
+    }
+    return env | ({"HEIMDALL_DYNAMODB_TABLE": table} if table else {})
+
+
 class _QuietHandler(MotoRequestHandler):
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         pass  # one line per request would drown the test output
@@ -149,8 +160,7 @@ class MotoServer:
     def start(self) -> None:
         if self._server is not None:
             return
-        app = DomainDispatcherApplication(create_backend_app)
-        server = _Server(self.host, self.port, app)
+        server = _Server(self.host, self.port, self._app())
         self.port = server.server_address[1]
         self._server = server
         self._thread = threading.Thread(
@@ -160,6 +170,10 @@ class MotoServer:
             daemon=True,
         )
         self._thread.start()
+
+    def _app(self) -> Any:
+        """The WSGI app served: moto's own."""
+        return DomainDispatcherApplication(create_backend_app)
 
     def stop(self) -> None:
         """Refuse connections from now on: the listening socket and every open one close."""

@@ -43,10 +43,11 @@ from __future__ import annotations
 import asyncio
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 from chaos_clock import probe_steps
-from chaos_driver import Chaos, ChaosConfig
+from chaos_driver import Chaos, ChaosConfig, ChaosReport
 
 INTERACTIONS = 40
 MINUTES = 0.75  # no new service process after this, so the test stays well under 90 s
@@ -54,22 +55,31 @@ EXTENDED_MINUTES = 0.6  # each extended mode: about 45 s in all
 SEED = int(os.environ.get("HEIMDALL_CHAOS_SEED", "20261127"))
 
 
-@pytest.mark.timeout(240)
-async def test_chaos_no_capture_lost_every_turn_answered_every_capture_synced_once(
-    tmp_path: Path, speech_dir: Path, models_dir: Path
-) -> None:
+async def run_chaos(
+    tmp_path: Path, speech_dir: Path, models_dir: Path, minutes: float, **mode: Any
+) -> tuple[ChaosReport, str]:
+    """One seeded run in `tmp_path`; its report and summary, with every check passed."""
     config = ChaosConfig(
         work_dir=tmp_path / "chaos",
         speech_dir=speech_dir,
         models_dir=models_dir,
         interactions=INTERACTIONS,
-        minutes=MINUTES,
+        minutes=minutes,
         seed=SEED,
+        **mode,
     )
     report = await asyncio.wait_for(Chaos(config).run(), timeout=200)
     summary = report.summary()
     print(summary)  # shown with -s, and in the assertion message on failure
     assert not report.failures, summary
+    return report, summary
+
+
+@pytest.mark.timeout(240)
+async def test_chaos_no_capture_lost_every_turn_answered_every_capture_synced_once(
+    tmp_path: Path, speech_dir: Path, models_dir: Path
+) -> None:
+    report, summary = await run_chaos(tmp_path, speech_dir, models_dir, MINUTES)
     # The run must have exercised what it claims to.
     assert report.kills >= 2, summary
     assert report.store_outages >= 1, summary
@@ -89,20 +99,14 @@ def test_libfaketime_steps_the_wall_clock_and_not_the_monotonic_one(tmp_path: Pa
 async def test_chaos_clock_steps_mid_turn_nothing_lost_nothing_behind_its_revision(
     tmp_path: Path, speech_dir: Path, models_dir: Path
 ) -> None:
-    config = ChaosConfig(
-        work_dir=tmp_path / "chaos",
-        speech_dir=speech_dir,
-        models_dir=models_dir,
-        interactions=INTERACTIONS,
-        minutes=EXTENDED_MINUTES,
-        seed=SEED,
+    report, summary = await run_chaos(
+        tmp_path,
+        speech_dir,
+        models_dir,
+        EXTENDED_MINUTES,
         clock_steps=True,
         kill_probability=0.4,  # fewer kills: more turns for the steps to land in
     )
-    report = await asyncio.wait_for(Chaos(config).run(), timeout=200)
-    summary = report.summary()
-    print(summary)
-    assert not report.failures, summary
     assert report.steps_in_turn >= 1, "no clock step landed during a turn\n" + summary
     assert report.stamped_off >= 1, "no capture was kept under a stepped clock\n" + summary
     assert sum(report.store_refused.values()) >= 1, "the store never refused the clock\n" + summary
@@ -116,13 +120,11 @@ async def test_chaos_clock_steps_mid_turn_nothing_lost_nothing_behind_its_revisi
 async def test_chaos_two_syncers_under_a_quota_and_kills_between_revisions(
     tmp_path: Path, speech_dir: Path, models_dir: Path
 ) -> None:
-    config = ChaosConfig(
-        work_dir=tmp_path / "chaos",
-        speech_dir=speech_dir,
-        models_dir=models_dir,
-        interactions=INTERACTIONS,
-        minutes=EXTENDED_MINUTES,
-        seed=SEED,
+    report, summary = await run_chaos(
+        tmp_path,
+        speech_dir,
+        models_dir,
+        EXTENDED_MINUTES,
         second_syncer="mixed",
         quota_mb=10,  # the smallest allowed
         ballast_mb=8,  # other data: 8 MB growing to 8.8 MB and cut back, again and again
@@ -130,10 +132,6 @@ async def test_chaos_two_syncers_under_a_quota_and_kills_between_revisions(
         ballast_max_mb=8.8,
         revision_kills=True,
     )
-    report = await asyncio.wait_for(Chaos(config).run(), timeout=200)
-    summary = report.summary()
-    print(summary)
-    assert not report.failures, summary
     evictors = {e.process.split(" #")[0] for e in report.evicted.values()}
     assert {"service", "sync"} <= evictors, "not both processes evicted\n" + summary
     assert all(e.exact for e in report.events if e.evictions), summary

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from moto_server import DEFAULT_REGION, MotoServer, use_aws_test_env
+from moto_server import MotoServer, heimdall_store_env, use_aws_test_env
 
 from heimdall_edge.audio import Audio, read_audio
 from heimdall_edge.engines.base import Transcript
@@ -90,13 +90,7 @@ def store(monkeypatch: pytest.MonkeyPatch) -> Iterator[MotoServer]:
         server.reset()
         server.create_bucket(BUCKET)
         server.create_table(TABLE)
-        for name, value in {
-            "HEIMDALL_S3_BUCKET": BUCKET,
-            "HEIMDALL_DYNAMODB_TABLE": TABLE,
-            "HEIMDALL_S3_ENDPOINT_URL": server.url,
-            "HEIMDALL_DYNAMODB_ENDPOINT_URL": server.url,
-            "HEIMDALL_SYNC__REGION": DEFAULT_REGION,
-        }.items():
+        for name, value in heimdall_store_env(server, BUCKET, TABLE).items():
             monkeypatch.setenv(name, value)
         yield server
 
