@@ -10,7 +10,7 @@ folder (kept on failure, or with --keep; otherwise everything goes: nothing is
 written into the repo).
 
 Usage: python bench/chaos.py [--interactions 300] [--minutes 20] [--seed N]
-       [--kill-probability 0.6] [--keep] [--quiet]
+       [--kill-probability 0.6] [--mode plain|clock|syncers] [--keep] [--quiet]
 
 `--interactions`: turns to run (captures kept); `--minutes`: stop starting new
 service processes after this long, whichever comes first. Exit status 1 if a
@@ -41,12 +41,28 @@ def shared(env: str, name: str) -> Path:
     return path
 
 
+MODES: dict[str, dict[str, object]] = {
+    "plain": {},
+    "clock": {"clock_steps": True},
+    "syncers": {
+        "second_syncer": "mixed",
+        "quota_mb": 10,
+        "ballast_mb": 8,
+        "ballast_growth_kb_s": 50,
+        "ballast_max_mb": 8.8,
+        "revision_kills": True,
+    },
+}
+"""The same settings as the short tests' modes (tests/test_chaos.py)."""
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--interactions", type=int, default=300)
     parser.add_argument("--minutes", type=float, default=None)
     parser.add_argument("--seed", type=int, default=int(time.time()))
     parser.add_argument("--kill-probability", type=float, default=0.6)
+    parser.add_argument("--mode", choices=sorted(MODES), default="plain")
     parser.add_argument("--keep", action="store_true", help="Keep the work folder (state, logs).")
     parser.add_argument("--quiet", action="store_true", help="No line per service process.")
     args = parser.parse_args()
@@ -63,10 +79,11 @@ def main() -> int:
         batch_size=(3, 10),
         batch_timeout_s=300.0,
         log=None if args.quiet else lambda line: print(line, flush=True),
+        **MODES[args.mode],
     )
     print(f"machine: {machine()}")
     print(
-        f"chaos: {args.interactions} interactions"
+        f"chaos ({args.mode}): {args.interactions} interactions"
         + (f", at most {args.minutes:g} minutes" if args.minutes else "")
         + f", seed {args.seed}, work folder {work}\n",
         flush=True,
@@ -75,7 +92,7 @@ def main() -> int:
     try:
         report = asyncio.run(Chaos(config).run())
         failed = bool(report.failures)
-        print(f"\n## Chaos: seed {args.seed}\n")
+        print(f"\n## Chaos ({args.mode}): seed {args.seed}\n")
         print(report.table())
         if failed:
             print("\n" + report.summary())
