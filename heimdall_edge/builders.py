@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from heimdall_edge.engines.offline_reply import OfflineReplyEngine
 from heimdall_edge.engines.openai_whisper import OpenAIWhisperEngine
 from heimdall_edge.engines.piper import PiperEngine
 from heimdall_edge.iot_credentials import IotCredentialsProvider, IotIdentity, iot_session
-from heimdall_edge.resilience import CallPolicy, CircuitBreaker, RateLimit
+from heimdall_edge.resilience import CallPolicy, CircuitBreaker, Clock, LatencyNorm, RateLimit
 from heimdall_edge.routing import Cloud, Engines
 from heimdall_edge.settings import Settings, SettingsError
 from heimdall_edge.spool import Spool
@@ -33,10 +34,13 @@ log = logging.getLogger(__name__)
 OPENAI_DEFAULT_URL = "https://api.openai.com/v1"
 
 
-def build_engines(settings: Settings, *, voice_cache: bool = True) -> Engines:
+def build_engines(
+    settings: Settings, *, voice_cache: bool = True, breaker_clock: Clock = time.monotonic
+) -> Engines:
     """Local engines always; each cloud engine too when its key is set and the cloud is enabled.
 
-    `voice_cache=False` for commands that never speak and may run without a writable state dir.
+    `voice_cache=False` for commands that never speak and may run without a writable state dir;
+    `breaker_clock` lets a test move the breakers' time (open -> half-open) without waiting.
     """
     secrets, cloud, resilience = settings.secrets, settings.cloud, settings.resilience
     connectivity = Connectivity(
@@ -54,6 +58,9 @@ def build_engines(settings: Settings, *, voice_cache: bool = True) -> Engines:
             deadline_s=deadline_s,
             max_attempts=resilience.max_attempts,
             connectivity=connectivity,
+            norm=LatencyNorm(
+                factor=resilience.slow_factor, margin_s=resilience.slow_margin_ms / 1000
+            ),
         )
 
     def breaker(service: str) -> CircuitBreaker:
@@ -63,6 +70,7 @@ def build_engines(settings: Settings, *, voice_cache: bool = True) -> Engines:
             window_s=resilience.failure_window_s,
             reset_s=resilience.reset_s,
             auth_reset_s=resilience.auth_reset_s,
+            clock=breaker_clock,
         )
 
     engines = Engines(

@@ -22,6 +22,7 @@ import logging
 import math
 import re
 import socket
+import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -53,6 +54,7 @@ class ErrorKind(enum.Enum):
     CONNECTION = "connection"  # refused, DNS, reset
     MALFORMED = "malformed"  # answered, but unparseable / wrong shape / truncated stream
     CLIENT = "client"  # other 4xx: our bug, not an outage
+    SLOW = "slow"  # answered too late: lost its hedge, overran its deadline, far off its normal
     BREAKER_OPEN = "breaker_open"  # skipped: the service's breaker is open
     OFFLINE = "offline"  # skipped: the device knows it is offline
 
@@ -62,8 +64,11 @@ RETRYABLE = frozenset(
 )
 """Kinds where the same request may well succeed a moment later."""
 
-BREAKER_FAILURES = frozenset(RETRYABLE | {ErrorKind.MALFORMED, ErrorKind.AUTH})
-"""Kinds that say the service is unhealthy (CLIENT is our bug; the skips are not calls)."""
+BREAKER_FAILURES = frozenset(RETRYABLE | {ErrorKind.MALFORMED, ErrorKind.AUTH, ErrorKind.SLOW})
+"""Kinds that say the service is unhealthy (CLIENT is our bug; the skips are not calls).
+SLOW is among them: a service that answers after the person was already answered locally
+is as useless to the next turn as one that does not answer, and the breaker is what
+lets the next turns skip it instead of paying the hedge delay every time."""
 
 
 class CloudError(Exception):
@@ -432,6 +437,40 @@ class RateLimit:
         self._slots.release()
 
 
+# --- recent normal latency -----------------------------------------------------------------------
+
+
+class LatencyNorm:
+    """A service's recent normal time to answer, to tell "far slower than usual" from noise.
+
+    The normal is the median of the last `window` answers, slow ones included, so it
+    follows a service that has settled at a new pace instead of refusing it for ever;
+    an answer is far slower when it takes more than `factor` times the normal and at
+    least `margin_s` more. Until `min_samples` answers are known nothing is far slower:
+    the hedge and the deadline still catch a hung service from the first call.
+    """
+
+    def __init__(
+        self, *, factor: float = 3.0, margin_s: float = 1.0, window: int = 20, min_samples: int = 5
+    ) -> None:
+        self.factor = factor
+        self.margin_s = margin_s
+        self.min_samples = min_samples
+        self._recent: collections.deque[float] = collections.deque(maxlen=window)
+
+    @property
+    def normal_s(self) -> float | None:
+        if len(self._recent) < self.min_samples:
+            return None
+        return statistics.median(self._recent)
+
+    def observe(self, seconds: float) -> bool:
+        """Count one answer; True if it was far slower than the normal before it."""
+        normal = self.normal_s
+        self._recent.append(seconds)
+        return normal is not None and seconds > max(normal * self.factor, normal + self.margin_s)
+
+
 # --- call policy ----------------------------------------------------------------------------------
 
 
@@ -487,8 +526,14 @@ class CallPolicy:
     `fn(timeout_s)` performs one attempt with a per-attempt timeout (what is left of
     the deadline). Only RATE_LIMIT, SERVER, TIMEOUT and CONNECTION are retried, and
     only when a retry can still finish within the deadline. Every attempt's outcome
-    goes to the breaker and to connectivity. Cancellation (a hedge lost) propagates
-    and is no failure.
+    goes to the breaker and to connectivity.
+
+    Slowness is failure, of the service and not of the network: overrunning the
+    deadline, or answering far slower than this call's recent normal (`norm`), counts
+    SLOW against the breaker; the caller reports a lost hedge the same way
+    (`record_slow`). Cancellation itself (a hedge lost, a speculation dropped)
+    propagates and is no verdict; `stats` counts it, so what speculation costs in
+    cloud calls can be read off the status.
     """
 
     def __init__(
@@ -505,6 +550,7 @@ class CallPolicy:
         clock: Clock = time.monotonic,
         sleep: Sleep = asyncio.sleep,
         connectivity: Connectivity | None = None,
+        norm: LatencyNorm | None = None,
     ) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
@@ -517,13 +563,18 @@ class CallPolicy:
         self.backoff_max_s = backoff_max_s
         self.min_attempt_s = min_attempt_s  # the least time worth starting a retry with
         self.connectivity = connectivity
+        self.norm = norm or LatencyNorm()
+        self.stats: collections.Counter[str] = collections.Counter()
+        """Calls made, answered, failed by kind, slow, cancelled, skipped: for the status."""
         self._clock = clock
         self._sleep = sleep
 
     async def call(self, fn: Callable[[float], Awaitable[T]]) -> T:
         """One cloud call within `deadline_s`, or a CloudError saying why not."""
         if self.connectivity is not None and not self.connectivity.online:
+            self.stats["skipped"] += 1
             raise CloudError(self.service, ErrorKind.OFFLINE, "device offline; call skipped")
+        self.stats["calls"] += 1
         deadline_at = self._clock() + self.deadline_s
         retrying = AsyncRetrying(
             sleep=self._sleep,
@@ -542,14 +593,19 @@ class CallPolicy:
             if not scope.expired():
                 raise
             error = CloudError(
-                self.service, ErrorKind.TIMEOUT, f"no answer within {self.deadline_s:g}s"
+                self.service, ErrorKind.SLOW, f"no answer within {self.deadline_s:g}s"
             )
             log.info("%s", error)
+            self.stats["failed"] += 1
             raise error from exc
         except CloudError as error:
             # INFO: the caller falls back and says so; an outage shows as the breaker's WARNING.
             if error.kind not in (ErrorKind.BREAKER_OPEN, ErrorKind.OFFLINE):
                 log.info("%s", error)
+            self.stats["skipped" if error.kind is ErrorKind.BREAKER_OPEN else "failed"] += 1
+            raise
+        except asyncio.CancelledError:
+            self.stats["cancelled"] += 1
             raise
 
     async def _attempt(
@@ -568,11 +624,12 @@ class CallPolicy:
                     raise CloudError(
                         self.service, ErrorKind.TIMEOUT, "deadline reached before the request"
                     )
+                started = self._clock()
                 try:
                     result = await fn(left)
                 except asyncio.CancelledError:
                     if scope.expired():  # our deadline, not a lost hedge: the service was too slow
-                        self._record_failure(ErrorKind.TIMEOUT)
+                        self._record_failure(ErrorKind.SLOW)
                         settled = True
                     raise
                 except Exception as exc:
@@ -582,7 +639,7 @@ class CallPolicy:
                     if error is exc:
                         raise
                     raise error from exc
-            self._record_success()
+            self._record_answer(self._clock() - started)
             settled = True
             return result
         finally:
@@ -598,8 +655,21 @@ class CallPolicy:
         """Count a failure seen outside `call()`, e.g. a stream that broke after its first chunk."""
         self._record_failure(error.kind)
 
-    def _record_success(self) -> None:
-        self.breaker.record_success()
+    def record_slow(self, why: str) -> None:
+        """The caller gave up on this service for being slow (it lost its hedge): a breaker
+        failure, though the network is fine (the call was still going)."""
+        log.info("%s: slow: %s", self.service, why)
+        self.stats["slow"] += 1
+        self.breaker.record_failure(ErrorKind.SLOW)
+
+    def _record_answer(self, seconds: float) -> None:
+        """An answer proves the network; one far slower than usual still fails the service."""
+        normal = self.norm.normal_s
+        if self.norm.observe(seconds):
+            self.record_slow(f"answered in {seconds:.2f}s, its recent normal {normal:.2f}s")
+        else:
+            self.stats["answered"] += 1
+            self.breaker.record_success()
         if self.connectivity is not None:
             self.connectivity.record_success()
 

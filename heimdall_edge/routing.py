@@ -17,7 +17,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from heimdall_edge.audio import Audio
 from heimdall_edge.connectivity import Connectivity
@@ -81,9 +81,18 @@ Start = Callable[[], Awaitable[Answer[T]]]
 
 
 async def prefer_cloud(
-    stage: str, cloud: Start[T] | None, local: Start[T], hedge_after_s: float
+    stage: str,
+    cloud: Start[T] | None,
+    local: Start[T],
+    hedge_after_s: float,
+    on_cloud_lost: Callable[[str], None] | None = None,
 ) -> Answer[T]:
-    """The cloud's answer if it comes in time and good, else the local engine's."""
+    """The cloud's answer if it comes in time and good, else the local engine's.
+
+    `on_cloud_lost(why)` is told when the local engine answered first while the cloud
+    was still working: slowness that the cloud's breaker must count, or every later
+    turn would pay the hedge delay again.
+    """
     if cloud is None:
         return await local()
     cloud_task = asyncio.create_task(cloud(), name=f"{stage}-cloud")
@@ -101,13 +110,16 @@ async def prefer_cloud(
             hedge_after_s * 1000,
         )
         local_task = asyncio.create_task(local(), name=f"{stage}-local")
-        return await _first_good(stage, cloud_task, local_task)
+        return await _first_good(stage, cloud_task, local_task, on_cloud_lost)
     finally:
         cloud_task.cancel()
 
 
 async def _first_good(
-    stage: str, cloud_task: asyncio.Task[Answer[T]], local_task: asyncio.Task[Answer[T]]
+    stage: str,
+    cloud_task: asyncio.Task[Answer[T]],
+    local_task: asyncio.Task[Answer[T]],
+    on_cloud_lost: Callable[[str], None] | None,
 ) -> Answer[T]:
     """Whichever engine answers well first; the other is cancelled or its stream closed."""
     pending: set[asyncio.Task[Answer[T]]] = {cloud_task, local_task}
@@ -124,6 +136,8 @@ async def _first_good(
                     log.error("%s: the local engine failed", stage, exc_info=task.exception())
         if winner is None:
             raise local_task.exception() or RuntimeError(f"{stage}: no engine answered")
+        if winner is local_task and not cloud_task.done() and on_cloud_lost is not None:
+            on_cloud_lost(f"{stage}: lost its hedge to the local engine")
         return winner.result()
     finally:
         for task in (cloud_task, local_task):
@@ -192,8 +206,22 @@ class Engines:
     async def load(self) -> None:
         await asyncio.gather(self.stt.load(), self.tts.load())
 
-    def _hedge_after(self, stage: str) -> float:
-        return self._hedge.get(stage, 1.0)
+    def _prefer(
+        self,
+        stage: str,
+        hedge_key: str,
+        cloud: Cloud[Any] | None,
+        from_cloud: Start[T],
+        from_local: Start[T],
+    ) -> Awaitable[Answer[T]]:
+        """`prefer_cloud` for one stage, its lost hedges counted against the cloud's breaker."""
+        return prefer_cloud(
+            stage,
+            from_cloud if cloud else None,
+            from_local,
+            self._hedge.get(hedge_key, 1.0),
+            cloud.policy.record_slow if cloud else None,
+        )
 
     async def transcribe(self, audio: Audio) -> Transcript:
         cloud = self.cloud_stt
@@ -209,9 +237,7 @@ class Engines:
             transcript = await self.stt.transcribe(audio)
             return Answer(transcript.engine, transcript)
 
-        answer = await prefer_cloud(
-            "transcribe", from_cloud if cloud else None, from_local, self._hedge_after("stt")
-        )
+        answer = await self._prefer("transcribe", "stt", cloud, from_cloud, from_local)
         return answer.first
 
     async def transcribe_in_cloud(self, audio: Audio) -> Transcript:
@@ -237,9 +263,7 @@ class Engines:
         async def from_local() -> Answer[str]:
             return await first_of(self.reply_engine.name, self.reply_engine.reply(request))
 
-        return await prefer_cloud(
-            "reply", from_cloud if cloud else None, from_local, self._hedge_after("reply")
-        )
+        return await self._prefer("reply", "reply", cloud, from_cloud, from_local)
 
     async def speak(self, text: str) -> Answer[Audio]:
         """Audio for `text`: from the voice cache when it has it, else synthesized (and then cached)."""
@@ -272,9 +296,7 @@ class Engines:
             answer.rest = self._keep(key, answer.first, answer.rest)
             return answer
 
-        return await prefer_cloud(
-            "speak", from_cloud if cloud else None, from_local, self._hedge_after("tts")
-        )
+        return await self._prefer("speak", "tts", cloud, from_cloud, from_local)
 
     async def prerender(self, phrases: list[str]) -> int:
         """Render fixed phrases locally into the cache at start-up, so they never need the cloud."""

@@ -165,7 +165,35 @@ async def test_hung_cloud_costs_only_the_hedge_delay(
     engine, text, elapsed = await transcribe(engines, clip)
     assert engine == "faster-whisper" and "time" in text.lower()
     assert elapsed < 3.0  # the 4 s cloud deadline was not paid
-    assert openai_breaker(engines).state is BreakerState.CLOSED  # a lost hedge is not a failure
+    breaker = openai_breaker(engines)
+    # A lost hedge counts against the service (one is not yet an outage), never the network.
+    assert breaker.state is BreakerState.CLOSED
+    assert breaker.snapshot()["failures_in_window"] == 1
+    assert breaker.snapshot()["last_error"] == "slow"
+    assert engines.connectivity is not None and engines.connectivity.online
+
+
+async def test_hung_cloud_opens_the_breaker_then_costs_nothing_until_it_is_fast_again(
+    engines: Engines, cloud: FakeCloud, clip
+) -> None:
+    engines._hedge["stt"] = 0.3
+    breaker = openai_breaker(engines)
+    breaker.reset_s = 0.5
+    cloud.fault("transcriptions", Fault(hang=True))
+    for _ in range(breaker.failure_threshold):  # each turn loses its hedge
+        assert (await transcribe(engines, clip))[0] == "faster-whisper"
+    assert breaker.state is BreakerState.OPEN
+    asked = cloud.count("transcriptions")
+    engine, _, elapsed = await transcribe(engines, clip)
+    assert engine == "faster-whisper" and cloud.count("transcriptions") == asked
+    await asyncio.sleep(0.5)  # half-open: the next turn probes, and the cloud still hangs
+    assert (await transcribe(engines, clip))[0] == "faster-whisper"
+    assert breaker.state is BreakerState.OPEN and cloud.count("transcriptions") == asked + 1
+    cloud.clear_faults()  # fast again: the next probe finds out and the cloud is back
+    await asyncio.sleep(0.5)
+    assert (await transcribe(engines, clip))[:2] == ("openai", CLOUD_TEXT)
+    assert breaker.state is BreakerState.CLOSED
+    assert (await transcribe(engines, clip))[0] == "openai"
 
 
 async def test_hedging_keeps_the_faster_engine(engines: Engines, cloud: FakeCloud, clip) -> None:

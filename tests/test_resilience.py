@@ -31,6 +31,7 @@ from heimdall_edge.resilience import (
     CircuitBreaker,
     CloudError,
     ErrorKind,
+    LatencyNorm,
     RateLimit,
     classify,
     parse_retry_after,
@@ -598,9 +599,93 @@ async def test_policy_deadline_bounds_the_whole_call() -> None:
 
     with pytest.raises(CloudError) as caught:
         await run(policy.call(hangs))
-    assert caught.value.kind is ErrorKind.TIMEOUT
+    assert caught.value.kind is ErrorKind.SLOW
     assert isinstance(caught.value.__cause__, TimeoutError)
     assert breaker.snapshot()["failures_in_window"] == 1  # a slow service is a failing one
+
+
+async def test_policy_deadline_overrun_fails_the_service_not_the_network() -> None:
+    clock = FakeClock()
+
+    async def probe() -> bool:
+        raise AssertionError("an overrun deadline must not send connectivity probing")
+
+    connectivity = Connectivity(probe, offline_after=1, clock=clock, sleep=clock.sleep)
+    breaker = make_breaker(clock, failure_threshold=2)
+    policy = CallPolicy(
+        "svc",
+        breaker,
+        RateLimit(6000, 4),
+        deadline_s=0.02,
+        clock=clock,
+        sleep=clock.sleep,
+        connectivity=connectivity,
+    )
+
+    async def hangs(timeout_s: float) -> str:
+        await asyncio.Event().wait()
+        return "never"
+
+    for _ in range(2):
+        with pytest.raises(CloudError):
+            await run(policy.call(hangs))
+    assert connectivity.online and connectivity.snapshot()["consecutive_failures"] == 0
+    assert breaker.state is BreakerState.OPEN and breaker.snapshot()["last_error"] == "slow"
+    assert policy.stats["failed"] == 2
+
+
+def test_latency_norm_tells_far_slower_from_jitter_and_follows_a_new_pace() -> None:
+    norm = LatencyNorm(factor=3.0, margin_s=1.0, window=10, min_samples=5)
+    assert not any(norm.observe(s) for s in (0.5, 0.6, 0.4, 0.5, 0.5))  # learning: never slow
+    assert norm.normal_s == 0.5
+    assert not norm.observe(1.4)  # under 3x and under normal + 1 s: jitter
+    assert norm.observe(2.0)  # 4x and 1.5 s more: far slower
+    fast = LatencyNorm(factor=3.0, margin_s=1.0, min_samples=1)
+    fast.observe(0.05)
+    assert not fast.observe(0.9)  # 18x, but under the margin: a fast service's jitter
+    settled = [norm.observe(3.0) for _ in range(10)]
+    assert settled[0] and not settled[-1]  # a service that stays at 3 s is its new normal
+
+
+async def test_policy_far_slower_answers_open_the_breaker_and_are_still_returned() -> None:
+    clock = FakeClock()
+    connectivity = Connectivity(
+        lambda: asyncio.sleep(0, True), offline_after=1, clock=clock, sleep=clock.sleep
+    )
+    breaker = make_breaker(clock, failure_threshold=3)
+    policy = make_policy(
+        clock,
+        breaker,
+        connectivity=connectivity,
+        norm=LatencyNorm(factor=3.0, margin_s=1.0, min_samples=5),
+    )
+    for _ in range(5):
+        assert await run(policy.call(Script("fast", clock=clock, takes_s=0.3))) == "fast"
+    assert breaker.state is BreakerState.CLOSED
+    for _ in range(3):  # the answer still serves this call; the breaker learns for the next
+        assert await run(policy.call(Script("late", clock=clock, takes_s=2.5))) == "late"
+    assert breaker.state is BreakerState.OPEN and breaker.snapshot()["last_error"] == "slow"
+    assert connectivity.online  # it answered: the network is fine
+    assert policy.stats["slow"] == 3 and policy.stats["answered"] == 5
+    with pytest.raises(CloudError) as caught:
+        await run(policy.call(Script("skipped")))
+    assert caught.value.kind is ErrorKind.BREAKER_OPEN and policy.stats["skipped"] == 1
+
+
+async def test_policy_lost_hedges_reported_by_the_caller_open_the_breaker() -> None:
+    clock = FakeClock()
+    breaker = make_breaker(clock, failure_threshold=3, reset_s=30.0)
+    policy = make_policy(clock, breaker)
+    for turn in range(3):
+        policy.record_slow(f"turn {turn}: lost its hedge")
+    assert breaker.state is BreakerState.OPEN
+    clock.advance(30.0)  # half-open: one probe, still slow (lost its hedge again)
+    assert breaker.allow()
+    policy.record_slow("the probe lost its hedge")
+    assert breaker.state is BreakerState.OPEN
+    clock.advance(30.0)  # fast again: the probe answers at its normal pace and closes it
+    assert await run(policy.call(Script("fast", clock=clock, takes_s=0.2))) == "fast"
+    assert breaker.state is BreakerState.CLOSED
 
 
 async def test_policy_offline_short_circuits_with_zero_calls() -> None:
@@ -662,6 +747,7 @@ async def test_policy_cancellation_is_not_a_failure() -> None:
     await run(scenario())
     assert breaker.state is BreakerState.CLOSED
     assert breaker.snapshot()["failures_in_window"] == 0
+    assert policy.stats["cancelled"] == 1 and policy.stats["failed"] == 0
 
 
 async def test_policy_half_open_lets_one_of_two_concurrent_callers_probe() -> None:
