@@ -355,6 +355,7 @@ class Appliance:
             "updated_at": time.time(),
             "online": self.engines.online,
             "breakers": {p.service: p.breaker.snapshot() for p in self.engines.policies},
+            "cloud_calls": self.engines.call_stats(),
             "captures": self.spool.counts(),
             "sync": self.syncer.status() if self.syncer else None,
         }

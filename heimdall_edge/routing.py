@@ -13,6 +13,7 @@ the local engine's time.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -202,6 +203,14 @@ class Engines:
         return [
             c.policy for c in (self.cloud_stt, self.cloud_reply, self.cloud_tts) if c is not None
         ]
+
+    def call_stats(self) -> dict[str, dict[str, int]]:
+        """Cloud calls per service since start-up: made, answered, failed, slow, cancelled (a
+        lost hedge or a dropped speculation), skipped (breaker open or offline)."""
+        totals: dict[str, collections.Counter[str]] = {}
+        for policy in self.policies:
+            totals.setdefault(policy.service, collections.Counter()).update(policy.stats)
+        return {service: dict(counts) for service, counts in totals.items()}
 
     async def load(self) -> None:
         await asyncio.gather(self.stt.load(), self.tts.load())

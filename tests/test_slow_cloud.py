@@ -98,6 +98,9 @@ async def test_hung_cloud_opens_the_breakers_and_the_probe_closes_them_when_fast
     assert breakers(engines) == {"openai": BreakerState.OPEN, "elevenlabs": BreakerState.OPEN}
     assert all(p.breaker.snapshot()["last_error"] == "slow" for p in engines.policies)
     assert engines.online  # hung is slow, not unreachable: the network was never blamed
+    stats = engines.call_stats()
+    assert stats["openai"]["slow"] == 3 and stats["elevenlabs"]["slow"] == 3
+    assert stats["openai"]["skipped"] >= 3 and stats["elevenlabs"]["skipped"] >= 1
 
     cloud.clear_faults()
     clock.offset += 30  # the breakers' reset time passes: the next turn's calls are the probes
