@@ -36,6 +36,7 @@ from heimdall_edge.listen.playback import ListeningSpeaker
 from heimdall_edge.routing import Engines
 from heimdall_edge.sdnotify import HealthWatchdog, Notifier
 from heimdall_edge.settings import Settings
+from heimdall_edge.speculation import Speculation
 from heimdall_edge.spool import Spool
 from heimdall_edge.spool_keeper import SpoolKeeper
 from heimdall_edge.sync import Syncer
@@ -264,6 +265,13 @@ class Appliance:
     async def _one_turn(self) -> TurnResult | None:
         camera_done = asyncio.Event()
         camera_task: asyncio.Task[list[bytes]] | None = None
+        frames_so_far: list[bytes] = []
+        history = self.conversation.history()
+        speculation = Speculation(
+            self.engines,
+            lambda transcript: self.interaction.request_for(transcript, frames_so_far, history),
+            lambda _transcript: True,
+        )
 
         def capture_started() -> None:
             nonlocal camera_task
@@ -276,6 +284,7 @@ class Appliance:
                     camera_done,
                     self.settings.camera.frames if self.settings.camera.enabled else 0,
                     self.settings.camera.interval_ms,
+                    frames_so_far,
                 )
             )
 
@@ -286,13 +295,17 @@ class Appliance:
             self.notifier.status("listening for a follow-up")
         try:
             utterance = await self.listener.next_utterance(
-                on_start=capture_started, follow_up_s=follow_up_s
+                on_start=capture_started, follow_up_s=follow_up_s, pauses=speculation
             )
+        except BaseException:  # stopping, or the microphone ended: no stream left open
+            await speculation.aclose()
+            raise
         finally:
             camera_done.set()
         frames = await camera_task if camera_task is not None else []
         self.watchdog.beat()
         if utterance is None or not utterance.has_speech:
+            await speculation.aclose()
             if utterance is None:
                 log.info("follow-up window closed: nobody spoke")
             else:
@@ -308,7 +321,7 @@ class Appliance:
         ]
         try:
             result = await self.interaction.run(
-                utterance, frames, self._playback_stop, self.conversation.history()
+                utterance, frames, self._playback_stop, history, speculation
             )
         finally:
             for helper in helpers:

@@ -640,6 +640,7 @@ def index_item(
         "status": record.status,
         "transcript": record.transcript,
         "transcript_on_device": record.transcript_on_device,
+        "speculative": record.speculative or None,
         "reply": record.reply,
         "error": record.error,
         "engines": dict(record.engines),

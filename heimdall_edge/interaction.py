@@ -19,10 +19,11 @@ from typing import TypeVar
 from heimdall_edge.audio import Audio, joined, wav_bytes
 from heimdall_edge.devices.base import Indicator, IndicatorState, Playback, Speaker
 from heimdall_edge.earcon import ERROR_EARCON
-from heimdall_edge.engines.base import Exchange, ReplyRequest
+from heimdall_edge.engines.base import Exchange, ReplyRequest, Transcript
 from heimdall_edge.engines.offline_reply import OFFLINE_ACK
 from heimdall_edge.listen.endpointer import Utterance
-from heimdall_edge.routing import Engines
+from heimdall_edge.routing import Answer, Engines
+from heimdall_edge.speculation import Head, Speculation
 from heimdall_edge.spool import Spool, SpoolError, SpoolFullError
 from heimdall_edge.streams import closing, prefetch
 
@@ -47,6 +48,8 @@ class TurnResult:
     timings_ms: dict[str, float] = field(default_factory=dict)
     error: str | None = None
     interrupted: bool = False
+    speculative: bool = False
+    """Answered from a head start taken at a pause in the speech (speculation.py)."""
 
     def to_json(self) -> dict[str, object]:
         """The `demo --json` contract; `error` appears only when a stage failed."""
@@ -56,6 +59,7 @@ class TurnResult:
             "reply": self.reply,
             "engines": self.engines,
             "timings_ms": {k: round(v, 1) for k, v in self.timings_ms.items()},
+            "speculative": self.speculative,
         }
         if self.error:
             payload["error"] = self.error
@@ -109,8 +113,11 @@ class Interaction:
         frames: list[bytes],
         stop: asyncio.Event,
         history: tuple[Exchange, ...] = (),
+        speculation: Speculation | None = None,
     ) -> TurnResult:
-        """One turn; `history` is the conversation so far, for the reply."""
+        """One turn; `history` is the conversation so far, for the reply. With `speculation`,
+        what it made ready at the last pause is used and the rest done here; it is closed
+        when the turn ends, whatever happened."""
         watch = Stopwatch(self._clock)
         watch.timings_ms["listen"] = utterance.audio.seconds * 1000
         self._indicator.show(IndicatorState.THINKING)
@@ -127,12 +134,25 @@ class Interaction:
                 )
             except SpoolFullError as exc:
                 log.error("capture not kept: %s", exc)
+                if speculation is not None:
+                    await speculation.aclose()
                 await self._say(SAY_STORAGE_FULL, stop)
                 return TurnResult(None, error=str(exc), timings_ms=watch.timings_ms)
         result = TurnResult(record.capture_id, timings_ms=watch.timings_ms)
+        head: Head | None = None
         try:
-            await self._understand_and_answer(result, utterance, frames, stop, watch, history)
+            if speculation is not None:
+                with watch.stage("speculation"):  # what is left of it after the hang-over
+                    head = await speculation.take()
+                if head is not None:
+                    result.speculative = True
+                    watch.timings_ms.update(head.timings_ms)
+            await self._understand_and_answer(result, utterance, frames, stop, watch, history, head)
         finally:
+            if head is not None:
+                await head.aclose()
+            if speculation is not None:
+                await speculation.aclose()
             with watch.stage("record"):
                 await self._record(result)
             if self._on_kept is not None:
@@ -148,6 +168,19 @@ class Interaction:
                 "the spool is at its quota and nothing can be evicted: raise sync.quota_mb, let sync catch up, or allow sync.evict_unsynced"
             )
 
+    async def request_for(
+        self, transcript: Transcript, frames: list[bytes], history: tuple[Exchange, ...]
+    ) -> ReplyRequest:
+        """What the reply engines are asked: the words, the latest frame, the device's state."""
+        pending = await asyncio.to_thread(self._pending_count)
+        return ReplyRequest(
+            transcript=transcript.text,
+            capture_id="",  # not an engine's business: the reply is the same for any capture
+            image_jpeg=frames[-1] if frames else None,
+            status={"pending_captures": str(pending), "online": str(self._engines.online).lower()},
+            history=history,
+        )
+
     async def _understand_and_answer(
         self,
         result: TurnResult,
@@ -156,36 +189,36 @@ class Interaction:
         stop: asyncio.Event,
         watch: Stopwatch,
         history: tuple[Exchange, ...],
+        head: Head | None,
     ) -> None:
-        engines = self._engines
-        with watch.stage("transcribe"):
-            try:
-                transcript = await engines.transcribe(utterance.audio)
-            except Exception as exc:
-                log.exception("speech-to-text failed for capture %s", result.capture_id)
-                result.error = f"transcribe: {exc}"
-                await self._speak(result, _one(SAY_NOT_UNDERSTOOD), utterance, stop, watch)
-                return
+        if head is not None:
+            transcript = head.transcript
+        else:
+            with watch.stage("transcribe"):
+                try:
+                    transcript = await self._engines.transcribe(utterance.audio)
+                except Exception as exc:
+                    log.exception("speech-to-text failed for capture %s", result.capture_id)
+                    result.error = f"transcribe: {exc}"
+                    await self._speak(result, _one(SAY_NOT_UNDERSTOOD), utterance, stop, watch)
+                    return
         result.transcript = transcript.text
         result.engines["stt"] = transcript.engine
-        with watch.stage("reply"):
-            pending = await asyncio.to_thread(self._pending_count)
-            request = ReplyRequest(
-                transcript=transcript.text,
-                capture_id=result.capture_id or "",
-                image_jpeg=frames[-1] if frames else None,
-                status={"pending_captures": str(pending), "online": str(engines.online).lower()},
-                history=history,
-            )
-            try:
-                answer = await engines.reply(request)
-                result.engines["reply"] = answer.engine
-                sentences = answer.items()
-            except Exception as exc:
-                log.exception("reply failed for capture %s", result.capture_id)
-                result.error = f"reply: {exc}"
-                sentences = _one(SAY_NO_REPLY)
-        spoken = await self._speak(result, sentences, utterance, stop, watch)
+        answer = head.reply if head is not None else None
+        if answer is None:
+            with watch.stage("reply"):
+                try:
+                    answer = await self._engines.reply(
+                        await self.request_for(transcript, frames, history)
+                    )
+                except Exception as exc:
+                    log.exception("reply failed for capture %s", result.capture_id)
+                    result.error = f"reply: {exc}"
+        if answer is not None:
+            result.engines["reply"] = answer.engine
+        sentences = answer.items() if answer is not None else _one(SAY_NO_REPLY)
+        first_speech = head.speech if head is not None else None
+        spoken = await self._speak(result, sentences, utterance, stop, watch, first_speech)
         result.reply = " ".join(spoken)
 
     async def _speak(
@@ -195,19 +228,22 @@ class Interaction:
         utterance: Utterance,
         stop: asyncio.Event,
         watch: Stopwatch,
+        first_speech: Answer[Audio] | None = None,
     ) -> list[str]:
         """Speak sentences as they come, keep what was played as reply.wav, time the first audio.
 
+        `first_speech`: the first sentence already synthesized (by a speculation).
         Returns the sentences that were spoken (or were about to be, when a press cut it short).
         """
         played: list[Audio] = []
         spoken: list[str] = []
 
         async def audio() -> AsyncIterator[Audio]:
+            ready = first_speech
             async with closing(sentences) as coming:
                 async for sentence in coming:
                     spoken.append(sentence)
-                    speech = await self._engines.speak(sentence)
+                    speech, ready = ready or await self._engines.speak(sentence), None
                     result.engines.setdefault("tts", speech.engine)
                     async with closing(speech.items()) as chunks:
                         async for chunk in chunks:
@@ -258,6 +294,7 @@ class Interaction:
                 timings_ms=result.timings_ms,
                 status="failed" if result.error else "complete",
                 error=result.error,
+                speculative=result.speculative,
                 lease=None,
             )
         except Exception:

@@ -118,6 +118,8 @@ class ListeningSettings(Section):
     """Speech needed before a voice trigger fires or a capture counts: shorter is a click or a cough."""
     silence_ms: Ms = 700
     """Silence after speech that ends the utterance (Home Assistant uses 0.7 s)."""
+    speculate_after_ms: Ms = 250
+    """At a pause this long, start answering what was said so far (dropped if speech resumes), so the answer is ready when the silence ends the utterance; 0 waits for the end."""
     max_ms: Annotated[int, Field(ge=1000, le=120_000)] = 15_000
     """Longest utterance; recording stops here even if the person is still talking."""
     no_speech_timeout_ms: Annotated[int, Field(ge=500, le=60_000)] = 5_000

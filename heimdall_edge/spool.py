@@ -59,7 +59,7 @@ FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 UPDATABLE = frozenset(
     {"transcript", "transcript_on_device", "reply", "engines", "timings_ms", "status", "error",
-     "sync_state", "extra", "lease"}
+     "speculative", "sync_state", "extra", "lease"}
 )  # fmt: skip
 BOOKKEEPING = frozenset({"sync_state", "extra", "lease"})
 """Where the capture stands on this device; not part of what goes up in its record."""
@@ -138,6 +138,8 @@ class CaptureRecord:
     revision: int = 1
     """Bumped by every change to the files or the content (CONTENT); the copy in the cloud is
     only current when it was uploaded at this revision (Spool.mark_synced checks it)."""
+    speculative: bool = False
+    """The turn was answered from a head start taken at a pause in the speech."""
 
     def manifest(self) -> bytes:
         """The record as the bucket keeps it for this revision: content and files, no sync state.
@@ -149,28 +151,32 @@ class CaptureRecord:
         return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "schema_version": self.schema_version,
-            "capture_id": self.capture_id,
-            "device_id": self.device_id,
-            "created_at": iso_utc(self.created_at),
-            "trigger": self.trigger,
-            "files": {name: dict(info) for name, info in self.files.items()},
-            "transcript": self.transcript,
-            "reply": self.reply,
-            "engines": dict(self.engines),
-            "timings_ms": dict(self.timings_ms),
-            "status": self.status,
-            "error": self.error,
-            "sync_state": self.sync_state,
-            "extra": dict(self.extra),
-            "lease": None if self.lease is None else dict(self.lease),
-            "revision": self.revision,
-        } | (
-            # Only when there is one: a record of an earlier version keeps the same bytes.
-            {"transcript_on_device": self.transcript_on_device}
-            if self.transcript_on_device is not None
-            else {}
+        return (
+            {
+                "schema_version": self.schema_version,
+                "capture_id": self.capture_id,
+                "device_id": self.device_id,
+                "created_at": iso_utc(self.created_at),
+                "trigger": self.trigger,
+                "files": {name: dict(info) for name, info in self.files.items()},
+                "transcript": self.transcript,
+                "reply": self.reply,
+                "engines": dict(self.engines),
+                "timings_ms": dict(self.timings_ms),
+                "status": self.status,
+                "error": self.error,
+                "sync_state": self.sync_state,
+                "extra": dict(self.extra),
+                "lease": None if self.lease is None else dict(self.lease),
+                "revision": self.revision,
+            }
+            | (
+                # Only when there is one: a record of an earlier version keeps the same bytes.
+                {"transcript_on_device": self.transcript_on_device}
+                if self.transcript_on_device is not None
+                else {}
+            )
+            | ({"speculative": True} if self.speculative else {})
         )
 
     @classmethod
@@ -219,6 +225,7 @@ class CaptureRecord:
             extra=_typed(data, "extra", dict),
             lease=_parse_lease(data.get("lease")),
             revision=revision,
+            speculative=_typed(data, "speculative", bool) if "speculative" in data else False,
         )
 
 

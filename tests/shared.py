@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import json
 import os
 import re
@@ -11,8 +13,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
+
+import heimdall_edge
+
+PACKAGE = Path(heimdall_edge.__file__).parent
 
 
 class FakeClock:
@@ -111,3 +118,32 @@ def run_with_alsa_config(tmp_path: Path, asoundrc: str, child: str, args: dict) 
     )
     assert done.returncode == 0, f"child failed:\n{done.stderr[-4000:]}"
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@contextlib.contextmanager
+def streams_left_to_the_gc() -> Iterator[list[str]]:
+    """Names of async generators that nobody closed, so that the garbage collector had to.
+
+    Such a stream is finalized on whatever thread the collector happens to run, in the
+    middle of other work: once in a long chaos run that printed a stray traceback.
+    """
+    left: list[str] = []
+    firstiter, finalizer = sys.get_asyncgen_hooks()
+
+    def record(agen: Any) -> None:
+        # Ours, and the SDK streams we iterate (closing them closes their HTTP response).
+        # What the SDKs leave of their own inner generators is theirs to close.
+        if Path(agen.ag_code.co_filename).is_relative_to(PACKAGE) or agen.__qualname__ in (
+            "AsyncStream.__aiter__",  # openai
+            "AsyncTextToSpeechClient.stream",  # elevenlabs
+        ):
+            left.append(agen.__qualname__)
+        if finalizer is not None:
+            finalizer(agen)
+
+    sys.set_asyncgen_hooks(firstiter, record)
+    try:
+        yield left
+        gc.collect()
+    finally:
+        sys.set_asyncgen_hooks(firstiter, finalizer)

@@ -183,15 +183,20 @@ class SyntheticCamera:
 
 
 async def frames_while(
-    camera: Camera, stop: asyncio.Event, count: int, interval_ms: int
+    camera: Camera,
+    stop: asyncio.Event,
+    count: int,
+    interval_ms: int,
+    taken: list[bytes] | None = None,
 ) -> list[bytes]:
     """Up to `count` JPEG frames, `interval_ms` apart, until `stop` is set.
 
     The first is taken at once, even if `stop` is already set, so a short
     utterance still gets a picture. Stops early (keeping what it has) when the
-    camera hands out None.
+    camera hands out None. Frames go into `taken` as they come (a speculative
+    answer looks at the latest), and that list is returned.
     """
-    taken: list[bytes] = []
+    taken = [] if taken is None else taken
     if count <= 0:
         return taken
     loop = asyncio.get_running_loop()

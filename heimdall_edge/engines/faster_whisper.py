@@ -58,9 +58,19 @@ class FasterWhisperEngine:
                 f"faster-whisper needs {SAMPLE_RATE} Hz audio, got {audio.sample_rate}"
             )
         await self.load()
-        async with self._lock:
-            text = await asyncio.to_thread(self._transcribe, audio)
+        await self._lock.acquire()
+        # The lock is let go when the inference ends, not when its caller stops waiting: a
+        # transcription dropped half-way (a lost hedge, a speculation the person talked over)
+        # runs on in its thread, and the next one must not share the cores with it.
+        inference = asyncio.ensure_future(asyncio.to_thread(self._transcribe, audio))
+        inference.add_done_callback(self._inference_done)
+        text = await asyncio.shield(inference)
         return Transcript(text=text, engine=self.name)
+
+    def _inference_done(self, inference: asyncio.Future[str]) -> None:
+        self._lock.release()
+        if not inference.cancelled():
+            inference.exception()  # retrieved: a dropped caller's error is not "never retrieved"
 
     def _transcribe(self, audio: Audio) -> str:
         assert self._model is not None

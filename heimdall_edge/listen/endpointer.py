@@ -112,6 +112,11 @@ class Endpointer:
         self._pre_roll = _frames_at_least(settings.pre_roll_ms)
         self._min_speech = max(1, _frames_at_least(settings.min_speech_ms))
         self._silence = max(1, _frames_at_least(settings.silence_ms) - self._tail)
+        self._pause = (
+            max(1, _frames_at_least(settings.speculate_after_ms) - self._tail)
+            if 0 < settings.speculate_after_ms < settings.silence_ms
+            else None
+        )
         self._max = settings.max_ms // FRAME_MS  # a limit: never longer than max_ms
         self._no_speech = _frames_at_least(settings.no_speech_timeout_ms)
         window = self._min_speech + self._min_speech // 2
@@ -149,6 +154,16 @@ class Endpointer:
     def frames_captured(self) -> int:
         """Frames in the capture so far, pre-roll included."""
         return len(self._frames)
+
+    @property
+    def paused(self) -> bool:
+        """Speech was heard and has stopped for `speculate_after_ms` (counted like the
+        hang-over, the judge's own tail taken off): time to start answering speculatively."""
+        return self._pause is not None and self._heard and self._since_speech >= self._pause
+
+    def audio(self) -> Audio:
+        """The capture so far, pre-roll included: what a speculation hears."""
+        return Audio(b"".join(self._frames), SAMPLE_RATE)
 
     def idle_feed(self, frame: bytes) -> bool:
         """Keep `frame` in the pre-roll ring; True while speech is confirmed (voice onset)."""

@@ -20,6 +20,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Protocol
 
 from heimdall_edge.audio import FRAME_MS, Audio
 from heimdall_edge.devices.base import Button, ButtonEvent, Microphone, MicrophoneEnded, Speaker
@@ -34,6 +35,16 @@ from heimdall_edge.settings import ListeningSettings
 from heimdall_edge.streams import closing
 
 log = logging.getLogger(__name__)
+
+
+class Pauses(Protocol):
+    """Told of the pauses inside a capture: where a speculative answer starts and is dropped."""
+
+    def paused(self, audio: Audio) -> None:
+        """The person stopped speaking; `audio` is the capture so far."""
+
+    def resumed(self) -> None:
+        """They went on: whatever started at the pause no longer answers them."""
 
 
 def frames_for(ms: float) -> int:
@@ -101,14 +112,19 @@ class Listener:
         return self._barged_in
 
     async def next_utterance(
-        self, on_start: Callable[[], None] | None = None, *, follow_up_s: float = 0.0
+        self,
+        on_start: Callable[[], None] | None = None,
+        *,
+        follow_up_s: float = 0.0,
+        pauses: Pauses | None = None,
     ) -> Utterance | None:
         """Wait for a trigger and record until an EndReason.
 
         With `follow_up_s`, speech alone starts the capture for that long (after
         the follow-up earcon); None if nobody spoke in time. `on_start` is called
-        as the capture starts (light the LED, start the camera). Raises
-        MicrophoneEnded if a finite source runs out before a trigger.
+        as the capture starts (light the LED, start the camera). `pauses` hears
+        each pause in the speech (with the audio so far) and each resumption.
+        Raises MicrophoneEnded if a finite source runs out before a trigger.
         """
         endpointer = self._endpointer
         trigger = await self._wait_for_trigger(frames_for(follow_up_s * 1000))
@@ -123,6 +139,7 @@ class Listener:
             self._sound(WAKE_EARCON)
         if on_start is not None:
             on_start()
+        paused = False
         try:
             while not self._stopping:
                 try:
@@ -134,6 +151,12 @@ class Listener:
                 reason = endpointer.feed(frame) or self._button_reason()
                 if reason is not None:
                     return self._finish(reason)
+                if pauses is not None and endpointer.paused != paused:
+                    paused = endpointer.paused
+                    if paused:
+                        pauses.paused(endpointer.audio())
+                    else:
+                        pauses.resumed()
             return self._finish(EndReason.STOPPED)
         finally:
             await self._earcon_played()
