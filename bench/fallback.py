@@ -6,7 +6,13 @@ transcription 300 ms, chat first token 200 ms, text-to-speech first audio 150 ms
 For each scenario it prints the median over the shared recordings, the ratio to
 local-only (the baseline, measured in the same run), and for the healthy cloud
 our own overhead above the injected provider latency. Then the time to first
-audio of a voice-cache hit.
+audio of a voice-cache hit. Then, side by side in the same run:
+
+- a hung cloud (connections accepted, never answered) over 10 successive turns on
+  the same engines, with the shipped hedge delays, against 10 local-only turns;
+- speculative against plain turns, local engines and a healthy cloud: the
+  recordings of at most 5 s from a real-time microphone through the Listener, so
+  the 700 ms hang-over is really waited; capture end -> first audio.
 
 Usage: HEIMDALL_MODELS_DIR=../shared/models python bench/fallback.py [--recordings N]
 """
@@ -154,6 +160,91 @@ async def measure(limit: int | None = None) -> dict:
     }
 
 
+HUNG_TURNS = 10
+COMMAND_MAX_S = 5.0
+
+
+async def measure_turns(limit: int | None = None) -> dict:
+    """The hung cloud over successive turns and speculative against plain turns (ms)."""
+    from turn_scenarios import speculative_against_plain, successive_turns
+
+    from heimdall_edge import builders
+    from heimdall_edge.audio import read_audio
+    from heimdall_edge.fakecloud import FakeCloud, Fault
+    from heimdall_edge.settings import load_settings
+    from heimdall_edge.spool import Spool
+
+    state = Path(tempfile.mkdtemp(prefix="heimdall-bench-"))
+    for name in [k for k in os.environ if k.startswith("HEIMDALL_RESILIENCE__")]:
+        del os.environ[name]  # the shipped hedge delays and deadlines
+    os.environ.update(HEIMDALL_STATE_DIR=str(state), HEIMDALL_VOICE_CACHE__MAX_MB="0")
+    cloud = FakeCloud(transcript="what can you see", reply="I can see a kitchen. Anything else?")
+    os.environ.update(cloud.start().env())
+    os.environ["HEIMDALL_CLOUD__ENABLED"] = "false"
+    local = builders.build_engines(load_settings())
+    await local.load()
+    spool = Spool(state / "spool")
+
+    def engines(with_cloud: bool):
+        os.environ["HEIMDALL_CLOUD__ENABLED"] = "true" if with_cloud else "false"
+        built = builders.build_engines(load_settings())
+        built.stt, built.tts = local.stt, local.tts
+        return built
+
+    clip = read_audio(SPEECH / "v2j_what_time_is_it.wav")
+    hung = {
+        "local only (baseline)": await successive_turns(engines(False), spool, clip, HUNG_TURNS)
+    }
+    for route in LATENCY_S:
+        cloud.fault(route, Fault(hang=True))
+    hung["cloud hung"] = await successive_turns(engines(True), spool, clip, HUNG_TURNS)
+
+    for route, seconds in LATENCY_S.items():
+        cloud.fault(route, Fault(latency_s=seconds))
+    commands = [p for p in recordings(limit) if read_audio(p).seconds <= COMMAND_MAX_S]
+    speculation = await speculative_against_plain(
+        {"local": lambda: engines(False), "cloud": lambda: engines(True)}, spool, commands
+    )
+    cloud.stop()
+    return {"hung": hung, "speculation": speculation, "commands": len(commands)}
+
+
+def print_turns(measured: dict) -> None:
+    hung = measured["hung"]
+    local = [t["ms"] for t in hung["local only (baseline)"]]
+    print(f"\n### A hung cloud, {HUNG_TURNS} successive turns (shipped hedge delays)\n")
+    print("| turn | " + " | ".join(hung) + " |")
+    print("|---:|" + "---:|" * len(hung))
+    for n in range(HUNG_TURNS):
+        cells = [f"{runs[n]['ms']:.0f} ({_short(runs[n]['engines'])})" for runs in hung.values()]
+        print(f"| {n + 1} | " + " | ".join(cells) + " |")
+    later = [t["ms"] for t in hung["cloud hung"][3:]]
+    print(
+        f"\nfrom the 4th turn on: median {statistics.median(later):.0f} ms against "
+        f"{statistics.median(local[3:]):.0f} ms local only: "
+        f"{statistics.median(later) / statistics.median(local[3:]):.2f}x"
+    )
+    spec = measured["speculation"]
+    injected = sum(LATENCY_S.values()) * 1000
+    print(
+        f"\n### Speculative against plain turns ({measured['commands']} recordings of at most "
+        f"{COMMAND_MAX_S:g} s, real-time microphone, silence_ms 700, speculate_after_ms 250)\n"
+    )
+    print("| turns | capture end -> first audio, median ms (min-max) | ratio to plain |")
+    print("|---|---:|---:|")
+    for name, values in spec.items():
+        plain = statistics.median(spec[name.replace("speculative", "plain")])
+        print(
+            f"| {name} | {statistics.median(values):.0f} ({min(values):.0f}-{max(values):.0f}) "
+            f"| {statistics.median(values) / plain:.2f} |"
+        )
+    print(f"\ninjected cloud latencies add up to {injected:.0f} ms")
+
+
+def _short(engines: dict[str, str]) -> str:
+    return "/".join(engines.get(stage, "-") for stage in ("stt", "reply", "tts"))
+
+
 async def main(limit: int | None) -> None:
     measured = await measure(limit)
     results, hits = measured["results"], measured["cache_hits_ms"]
@@ -179,6 +270,7 @@ async def main(limit: int | None) -> None:
         f"\nvoice cache hit, request -> first audio chunk: median {statistics.median(hits):.2f} ms "
         f"(min {min(hits):.2f}, max {max(hits):.2f}, {len(hits)} runs)"
     )
+    print_turns(await measure_turns(limit))
 
 
 if __name__ == "__main__":
