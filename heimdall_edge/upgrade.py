@@ -22,7 +22,7 @@ from heimdall_edge import lease
 from heimdall_edge.audio import Audio, AudioError, read_audio
 from heimdall_edge.engines.base import Transcript
 from heimdall_edge.resilience import CloudError, ErrorKind
-from heimdall_edge.spool import AUDIO_NAME, CaptureRecord, Spool, SpoolError
+from heimdall_edge.spool import AUDIO_NAME, CaptureNotFoundError, CaptureRecord, Spool, SpoolError
 
 log = logging.getLogger(__name__)
 
@@ -128,13 +128,21 @@ class Upgrade:
                 self._refused.add(record.capture_id)
             log.info("capture %s: not upgraded yet (%s)", record.capture_id, error)
             return
-        await asyncio.to_thread(
-            self._spool.update,
-            record.capture_id,
-            transcript=transcript.text,
-            transcript_on_device=record.transcript,
-            engines={**record.engines, "stt": transcript.engine, ON_DEVICE: self._local_engine},
-        )
+        try:
+            await asyncio.to_thread(
+                self._spool.update,
+                record.capture_id,
+                transcript=transcript.text,
+                transcript_on_device=record.transcript,
+                engines={**record.engines, "stt": transcript.engine, ON_DEVICE: self._local_engine},
+            )
+        except CaptureNotFoundError:  # evicted meanwhile: it was synced, with its own transcript
+            log.info(
+                "capture %s left the spool before its upgrade was recorded; the store keeps "
+                "the device's transcript",
+                record.capture_id,
+            )
+            return
         self.done += 1
         log.info(
             "capture %s upgraded by %s: %r (on the device: %r)",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -78,6 +79,34 @@ async def test_only_offline_transcripts_are_upgraded_while_idle_and_both_are_kep
         assert spool.get(refused).transcript == "garbled"  # left as it was
         assert upgrade.done == 1 and recorded == ["x"]
         assert [r.capture_id for r in upgradable(spool, "faster-whisper")] == [refused]
+
+
+async def test_a_capture_evicted_during_its_upgrade_is_left_to_the_store_quietly(
+    tmp_path: Path, speech_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Found by the long chaos run under the smallest quota: the keeper evicted the (synced)
+    # capture while cloud Whisper was transcribing it, and the upgrade logged a traceback.
+    caplog.set_level(logging.INFO, logger="heimdall_edge.upgrade")
+    with Spool(tmp_path / "spool") as spool:
+        offline = kept(spool, speech_dir / "sr_english.wav", "one two tree", "faster-whisper")
+        stop = asyncio.Event()
+
+        async def transcribe(audio: Audio) -> Transcript:
+            spool.delete(offline, unchanged=spool.get(offline))  # the quota's sweep, meanwhile
+            stop.set()
+            return Transcript(CLOUD_TEXT, "openai")
+
+        async def sleep(_s: float) -> None:
+            await asyncio.sleep(0)
+
+        upgrade = Upgrade(
+            spool, transcribe, local_engine="faster-whisper", cloud_available=lambda: True,
+            idle=lambda: True, requests_per_minute=60, sleep=sleep,
+        )  # fmt: skip
+        await asyncio.wait_for(upgrade.run(stop), 30)
+    assert upgrade.done == 0
+    assert "left the spool before its upgrade was recorded" in caplog.text
+    assert not [r for r in caplog.records if r.levelname == "ERROR" or r.exc_info]
 
 
 # --- end to end: the real service, the fake cloud, moto --------------------------------------
