@@ -199,9 +199,10 @@ class Appliance:
         """
         watchdog = asyncio.create_task(self.watchdog.run(), name="watchdog")
         background = [watchdog]
-        if self.engines.connectivity is not None and self.engines.policies:
+        # One probe per cloud speech service; the store's runs in the syncer.
+        for service, connectivity in self.engines.connectivities.items():
             background.append(
-                asyncio.create_task(self.engines.connectivity.run(), name="connectivity")
+                asyncio.create_task(connectivity.run(), name=f"connectivity-{service}")
             )
         if self.syncer is not None:  # store and forward, in the background of every turn
             background.append(asyncio.create_task(self.syncer.run(stop), name="sync"))
@@ -337,23 +338,38 @@ class Appliance:
         return listening.follow_up_always or result.reply.rstrip().endswith("?")
 
     def _idle_status(self) -> str:
-        """The STATUS= line while waiting: mode, wake word, and the cloud as the breakers see it."""
+        """The STATUS= line while waiting: mode, wake word, and each cloud service as the
+        device sees it ("offline" when it cannot be reached, else its breaker's state)."""
         wake = self.listener.wake_word
         text = f"listening ({self.listener.mode}"
         text += f", wake word {wake.model.phrase!r})" if wake is not None else ")"
-        policies = {p.service: p.breaker.state.value for p in self.engines.policies}
+        online = self.engines.online
+        policies = {
+            p.service: p.breaker.state.value if online.get(p.service, True) else "offline"
+            for p in self.engines.policies
+        }
         if policies:
-            network = "online" if self.engines.online else "offline"
-            text += f"; cloud {network}: " + ", ".join(
-                f"{k} {v}" for k, v in sorted(policies.items())
-            )
+            text += "; cloud: " + ", ".join(f"{k} {v}" for k, v in sorted(policies.items()))
         return text
 
+    def _reachable(self) -> dict[str, bool]:
+        """Each cloud service's reachability, by service: the speech services' and the store's."""
+        reachable = self.engines.online
+        store = self.syncer.connectivity if self.syncer is not None else None
+        if store is not None:
+            reachable[store.service] = store.online
+        return reachable
+
     def _write_status(self) -> None:
-        """status.json for `heimdall-edge doctor`: breakers, connectivity, spool counts."""
+        """status.json for `heimdall-edge doctor`: reachability, breakers, spool counts.
+
+        `online`: every cloud speech service configured can be reached (true with none);
+        `reachable`: each service, the store included, on its own.
+        """
         status = {
             "updated_at": time.time(),
-            "online": self.engines.online,
+            "online": all(self.engines.online.values()),
+            "reachable": self._reachable(),
             "breakers": {p.service: p.breaker.snapshot() for p in self.engines.policies},
             "captures": self.spool.counts(),
             "sync": self.syncer.status() if self.syncer else None,

@@ -170,11 +170,16 @@ class Interaction:
         result.engines["stt"] = transcript.engine
         with watch.stage("reply"):
             pending = await asyncio.to_thread(self._pending_count)
+            online = engines.online
             request = ReplyRequest(
                 transcript=transcript.text,
                 capture_id=result.capture_id or "",
                 image_jpeg=frames[-1] if frames else None,
-                status={"pending_captures": str(pending), "online": str(engines.online).lower()},
+                status={
+                    "pending_captures": str(pending),
+                    "online": str(all(online.values())).lower(),
+                    **{f"online_{service}": str(up).lower() for service, up in online.items()},
+                },
                 history=history,
             )
             try:

@@ -1,8 +1,8 @@
 """Prefer the cloud, answer locally whenever it cannot: fallback, hedging and the voice cache.
 
 Every stage (transcribe, reply, speak) is asked the same way: start the cloud
-engine unless the device is offline or the service's breaker is open (then
-the local engine starts at once, paying no timeout); if the cloud has not
+engine unless its service is out of reach or its breaker is open (then the
+local engine starts at once, paying no timeout); if the cloud has not
 answered within the stage's hedge delay, start the local engine too and keep
 whichever answers first; if the cloud fails, answer locally in the same turn.
 An "answer" is the first item of a stream (a transcript, the first sentence,
@@ -170,18 +170,21 @@ class Engines:
         cloud_tts: Cloud[ElevenLabsEngine] | None = None,
         hedge_after_s: dict[str, float] | None = None,
         cache: VoiceCache | None = None,
-        connectivity: Connectivity | None = None,
     ) -> None:
         self.stt, self.reply_engine, self.tts = stt, reply, tts
         self.cloud_stt, self.cloud_reply, self.cloud_tts = cloud_stt, cloud_reply, cloud_tts
         self._hedge = hedge_after_s or {}
         self.cache = cache
-        self.connectivity = connectivity
 
     @property
-    def online(self) -> bool:
-        """Whether the cloud is thought reachable (always true with no cloud to reach)."""
-        return self.connectivity is None or self.connectivity.online
+    def connectivities(self) -> dict[str, Connectivity]:
+        """Each cloud service's own reachability, by service (OpenAI's two stages share one)."""
+        return {p.service: p.connectivity for p in self.policies if p.connectivity is not None}
+
+    @property
+    def online(self) -> dict[str, bool]:
+        """Whether each cloud service is thought reachable, by service; {} with no cloud."""
+        return {service: c.online for service, c in self.connectivities.items()}
 
     @property
     def policies(self) -> list[CallPolicy]:

@@ -144,13 +144,15 @@ async def test_refused_connections_go_offline_and_skip_the_cloud(
     cloud.refuse_connections()
     for _ in range(2):
         assert (await transcribe(engines, clip))[0] == "faster-whisper"
-    assert engines.connectivity is not None and not engines.connectivity.online
+    # OpenAI's calls failed: OpenAI is offline; ElevenLabs, not asked, is not marked down.
+    assert engines.online == {"openai": False, "elevenlabs": True}
     reply = await engines.reply(ReplyRequest("tell me a joke", "c1", status={"online": "false"}))
     assert reply.engine == "offline" and reply.first == "I'm offline, but I've saved that."
-    prober = asyncio.create_task(engines.connectivity.run())
+    openai = engines.connectivities["openai"]
+    prober = asyncio.create_task(openai.run())
     try:
         cloud.accept_connections()
-        await asyncio.wait_for(engines.connectivity.wait_online(), 10)  # the probe found it back
+        await asyncio.wait_for(openai.wait_online(), 10)  # the probe found it back
     finally:
         prober.cancel()
     engine, text, _ = await transcribe(engines, clip)

@@ -32,7 +32,7 @@ class ScriptedProbe:
 def make(probe: ScriptedProbe | None = None, **kwargs: float) -> tuple[Connectivity, FakeClock]:
     clock = FakeClock()
     connectivity = Connectivity(
-        probe or ScriptedProbe(True), clock=clock, sleep=clock.sleep, **kwargs
+        probe or ScriptedProbe(True), service="openai", clock=clock, sleep=clock.sleep, **kwargs
     )  # type: ignore[arg-type]
     return connectivity, clock
 
@@ -209,7 +209,12 @@ async def test_a_probe_that_raises_counts_as_offline() -> None:
 
     clock = FakeClock()
     connectivity = Connectivity(
-        probe, offline_after=1, probe_interval_s=1.0, clock=clock, sleep=clock.sleep
+        probe,
+        service="openai",
+        offline_after=1,
+        probe_interval_s=1.0,
+        clock=clock,
+        sleep=clock.sleep,
     )
 
     async def scenario() -> None:

@@ -609,7 +609,7 @@ async def test_policy_offline_short_circuits_with_zero_calls() -> None:
     async def never() -> bool:
         raise AssertionError("not probed here")
 
-    connectivity = Connectivity(never, clock=clock, sleep=clock.sleep)
+    connectivity = Connectivity(never, service="svc", clock=clock, sleep=clock.sleep)
     connectivity.record_failure(ErrorKind.CONNECTION)
     connectivity.record_failure(ErrorKind.CONNECTION)
     breaker = make_breaker(clock)
@@ -627,7 +627,9 @@ async def test_policy_feeds_connectivity() -> None:
     async def probe() -> bool:
         return True
 
-    connectivity = Connectivity(probe, offline_after=2, clock=clock, sleep=clock.sleep)
+    connectivity = Connectivity(
+        probe, service="svc", offline_after=2, clock=clock, sleep=clock.sleep
+    )
     policy = make_policy(
         clock, make_breaker(clock, failure_threshold=100), max_attempts=2, connectivity=connectivity
     )
@@ -782,7 +784,9 @@ async def test_policy_available_and_failures_reported_from_outside() -> None:
     async def probe() -> bool:
         return True
 
-    connectivity = Connectivity(probe, offline_after=1, clock=clock, sleep=clock.sleep)
+    connectivity = Connectivity(
+        probe, service="svc", offline_after=1, clock=clock, sleep=clock.sleep
+    )
     breaker = make_breaker(clock, failure_threshold=1)
     policy = make_policy(clock, breaker, connectivity=connectivity)
     assert policy.available()

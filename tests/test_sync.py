@@ -859,7 +859,7 @@ async def test_run_waits_while_offline_and_drains_when_the_network_returns(
     async def probe() -> bool:
         return False
 
-    connectivity = Connectivity(probe, offline_after=1)
+    connectivity = Connectivity(probe, service="store", offline_after=1)
     connectivity.record_failure(ErrorKind.CONNECTION)
     assert not connectivity.online
     records = [capture(spool) for _ in range(3)]
@@ -887,7 +887,7 @@ async def test_run_does_not_spin_when_the_network_flaps(store: CaptureStore, spo
     async def probe() -> bool:
         return False
 
-    connectivity = Connectivity(probe, offline_after=1)
+    connectivity = Connectivity(probe, service="store", offline_after=1)
     connectivity.record_failure(ErrorKind.CONNECTION)
     capture(spool)
     waits: list[float] = []
