@@ -33,6 +33,7 @@ from heimdall_edge.durable import replace_file
 from heimdall_edge.interaction import FIXED_PHRASES, Interaction, TurnResult
 from heimdall_edge.listen.listener import build_listener
 from heimdall_edge.listen.playback import ListeningSpeaker
+from heimdall_edge.preferred_voice import PreferredVoice
 from heimdall_edge.routing import Engines
 from heimdall_edge.sdnotify import HealthWatchdog, Notifier
 from heimdall_edge.settings import Settings
@@ -161,6 +162,16 @@ class Appliance:
             if stt is not None and settings.stt.upgrade
             else None
         )
+        self.preferred_voice = (
+            PreferredVoice(
+                engines,
+                FIXED_PHRASES,
+                idle=self._idle,
+                requests_per_minute=settings.resilience.requests_per_minute,
+            )
+            if engines.cloud_tts is not None and engines.cache is not None
+            else None
+        )
 
     def _idle(self) -> bool:
         """No capture being recorded or answered: background transcription may run."""
@@ -209,6 +220,10 @@ class Appliance:
         background.append(asyncio.create_task(self.backfill.run(stop), name="backfill"))
         if self.upgrade is not None:
             background.append(asyncio.create_task(self.upgrade.run(stop), name="upgrade"))
+        if self.preferred_voice is not None:
+            background.append(
+                asyncio.create_task(self.preferred_voice.run(stop), name="preferred-voice")
+            )
         try:
             while not stop.is_set():
                 turn = asyncio.create_task(self.one_turn(), name="turn")

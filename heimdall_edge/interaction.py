@@ -35,7 +35,8 @@ SAY_NOT_UNDERSTOOD = "Sorry, I couldn't make that out. I kept the recording."
 SAY_NO_REPLY = "I kept that, but I can't answer right now."
 SAY_STORAGE_FULL = "My storage is full, so I couldn't keep that."
 FIXED_PHRASES = [SAY_NOT_UNDERSTOOD, SAY_NO_REPLY, SAY_STORAGE_FULL, OFFLINE_ACK]
-"""Rendered into the voice cache at start-up, so they can always be spoken without the cloud."""
+"""Rendered into the voice cache at start-up, so they can always be spoken without the cloud,
+and again in the cloud voice once it can be had (preferred_voice.py)."""
 
 
 @dataclass
