@@ -27,10 +27,10 @@ else ever gives up.
 off (exponentially, with jitter) while the store fails, waits while the store is
 out of reach or its breaker is open, and drains at once when the store can be
 reached again or a new capture is kept (`notify()`). Reachability is the store's
-own (its calls feed it, and run() probes the S3 endpoint's host while it is away):
-never a speech service's, so sync goes on while OpenAI or ElevenLabs is down. After each pass the spool's keeper
-(spool_keeper.py) applies retention and the quota; the syncer tells it which captures
-it is uploading, so none of them is evicted meanwhile.
+own (its calls feed it, and run() probes the S3 endpoint's host while it is away),
+never a speech service's: sync goes on while OpenAI or ElevenLabs is down. After
+each pass the spool's keeper (spool_keeper.py) applies retention and the quota; the
+syncer tells it which captures it is uploading, so none of them is evicted meanwhile.
 
 boto3 blocks: every store call runs in a worker thread (`asyncio.to_thread`).
 """
