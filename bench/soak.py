@@ -472,7 +472,7 @@ async def _soak(plan: _Plan, cloud: Child, tally: _Tally) -> SoakResult:
     engines = builders.build_engines(settings)
     devices = builders.build_simulated_devices(settings, realtime=False, pin_factory=pins)
     spool = builders.open_spool(settings)
-    syncer = builders.build_syncer(settings, spool, engines.connectivity)
+    syncer = builders.build_syncer(settings, spool)
     appliance = Appliance(settings, devices, engines, spool, syncer=syncer)
     button = pins.pin(settings.button.pin)
     result = SoakResult(turns, warmup, plan.window, [], 0.0, plan.store)
@@ -485,12 +485,12 @@ async def _soak(plan: _Plan, cloud: Child, tally: _Tally) -> SoakResult:
     background: list[asyncio.Task[None]] = []
     try:
         await appliance.start()
-        # What the service runs beside its turns (Appliance.serve): the probe and the syncer.
-        assert engines.connectivity is not None
+        # What the service runs beside its turns (Appliance.serve): the probes and the syncer.
         background += [
-            asyncio.create_task(engines.connectivity.run(), name="connectivity"),
-            asyncio.create_task(syncer.run(stop), name="syncer"),
+            asyncio.create_task(connectivity.run(), name=f"connectivity-{service}")
+            for service, connectivity in engines.connectivities.items()
         ]
+        background.append(asyncio.create_task(syncer.run(stop), name="syncer"))
         result.samples.append(take_sample(0, started))
         for turn in range(1, turns + 1):
             phase, command = PHASES[((turn - 1) // PHASE_TURNS) % len(PHASES)]

@@ -122,21 +122,20 @@ def fresh_store(server: MotoServer) -> None:
 async def reconnect_latency(server: MotoServer, state: Path) -> float:
     """The service's syncer waits offline; the store (and the network) come back: time to first upload."""
     from heimdall_edge import builders
-    from heimdall_edge.connectivity import Connectivity, tcp_probe
     from heimdall_edge.resilience import ErrorKind
     from heimdall_edge.settings import load_settings
 
     settings = load_settings()
     spool = builders.open_spool(settings)
-    connectivity = Connectivity(
-        tcp_probe(server.url), probe_interval_s=0.1, max_probe_interval_s=0.1
-    )
-    syncer = builders.build_syncer(settings, spool, connectivity)
+    syncer = builders.build_syncer(settings, spool)
+    connectivity = syncer.connectivity  # the store's own, probing its endpoint; run() runs it
+    assert connectivity is not None
+    connectivity.probe_interval_s = connectivity.max_probe_interval_s = 0.1
     server.stop()
     connectivity.record_failure(ErrorKind.CONNECTION)
     connectivity.record_failure(ErrorKind.CONNECTION)
     stop = asyncio.Event()
-    tasks = [asyncio.create_task(syncer.run(stop)), asyncio.create_task(connectivity.run())]
+    tasks = [asyncio.create_task(syncer.run(stop))]
     await asyncio.sleep(1.0)
     s3 = server.client("s3")
     server.start()

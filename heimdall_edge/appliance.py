@@ -33,6 +33,7 @@ from heimdall_edge.durable import replace_file
 from heimdall_edge.interaction import FIXED_PHRASES, Interaction, TurnResult
 from heimdall_edge.listen.listener import build_listener
 from heimdall_edge.listen.playback import ListeningSpeaker
+from heimdall_edge.preferred_voice import PreferredVoice
 from heimdall_edge.routing import Engines
 from heimdall_edge.sdnotify import HealthWatchdog, Notifier
 from heimdall_edge.settings import Settings
@@ -162,6 +163,16 @@ class Appliance:
             if stt is not None and settings.stt.upgrade
             else None
         )
+        self.preferred_voice = (
+            PreferredVoice(
+                engines,
+                FIXED_PHRASES,
+                idle=self._idle,
+                requests_per_minute=settings.resilience.requests_per_minute,
+            )
+            if engines.cloud_tts is not None and engines.cache is not None
+            else None
+        )
 
     def _idle(self) -> bool:
         """No capture being recorded or answered: background transcription may run."""
@@ -200,15 +211,20 @@ class Appliance:
         """
         watchdog = asyncio.create_task(self.watchdog.run(), name="watchdog")
         background = [watchdog]
-        if self.engines.connectivity is not None and self.engines.policies:
+        # One probe per cloud speech service; the store's runs in the syncer.
+        for service, connectivity in self.engines.connectivities.items():
             background.append(
-                asyncio.create_task(self.engines.connectivity.run(), name="connectivity")
+                asyncio.create_task(connectivity.run(), name=f"connectivity-{service}")
             )
         if self.syncer is not None:  # store and forward, in the background of every turn
             background.append(asyncio.create_task(self.syncer.run(stop), name="sync"))
         background.append(asyncio.create_task(self.backfill.run(stop), name="backfill"))
         if self.upgrade is not None:
             background.append(asyncio.create_task(self.upgrade.run(stop), name="upgrade"))
+        if self.preferred_voice is not None:
+            background.append(
+                asyncio.create_task(self.preferred_voice.run(stop), name="preferred-voice")
+            )
         try:
             while not stop.is_set():
                 turn = asyncio.create_task(self.one_turn(), name="turn")
@@ -350,23 +366,38 @@ class Appliance:
         return listening.follow_up_always or result.reply.rstrip().endswith("?")
 
     def _idle_status(self) -> str:
-        """The STATUS= line while waiting: mode, wake word, and the cloud as the breakers see it."""
+        """The STATUS= line while waiting: mode, wake word, and each cloud service as the
+        device sees it ("offline" when it cannot be reached, else its breaker's state)."""
         wake = self.listener.wake_word
         text = f"listening ({self.listener.mode}"
         text += f", wake word {wake.model.phrase!r})" if wake is not None else ")"
-        policies = {p.service: p.breaker.state.value for p in self.engines.policies}
+        online = self.engines.online
+        policies = {
+            p.service: p.breaker.state.value if online.get(p.service, True) else "offline"
+            for p in self.engines.policies
+        }
         if policies:
-            network = "online" if self.engines.online else "offline"
-            text += f"; cloud {network}: " + ", ".join(
-                f"{k} {v}" for k, v in sorted(policies.items())
-            )
+            text += "; cloud: " + ", ".join(f"{k} {v}" for k, v in sorted(policies.items()))
         return text
 
+    def _reachable(self) -> dict[str, bool]:
+        """Each cloud service's reachability, by service: the speech services' and the store's."""
+        reachable = self.engines.online
+        store = self.syncer.connectivity if self.syncer is not None else None
+        if store is not None:
+            reachable[store.service] = store.online
+        return reachable
+
     def _write_status(self) -> None:
-        """status.json for `heimdall-edge doctor`: breakers, connectivity, spool counts."""
+        """status.json for `heimdall-edge doctor`: reachability, breakers, spool counts.
+
+        `online`: every cloud speech service configured can be reached (true with none);
+        `reachable`: each service, the store included, on its own.
+        """
         status = {
             "updated_at": time.time(),
-            "online": self.engines.online,
+            "online": all(self.engines.online.values()),
+            "reachable": self._reachable(),
             "breakers": {p.service: p.breaker.snapshot() for p in self.engines.policies},
             "cloud_calls": self.engines.call_stats(),
             "captures": self.spool.counts(),

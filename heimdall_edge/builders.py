@@ -32,6 +32,7 @@ from heimdall_edge.voice_cache import VoiceCache, VoiceCacheError
 
 log = logging.getLogger(__name__)
 OPENAI_DEFAULT_URL = "https://api.openai.com/v1"
+ELEVENLABS_DEFAULT_URL = "https://api.elevenlabs.io"
 
 
 def build_engines(
@@ -39,17 +40,19 @@ def build_engines(
 ) -> Engines:
     """Local engines always; each cloud engine too when its key is set and the cloud is enabled.
 
-    `voice_cache=False` for commands that never speak and may run without a writable state dir;
-    `breaker_clock` lets a test move the breakers' time (open -> half-open) without waiting.
+    Each cloud service has its own breaker, rate limit and connectivity (probing its own
+    host); OpenAI's speech-to-text and reply share OpenAI's. `voice_cache=False` for
+    commands that never speak and may run without a writable state dir; `breaker_clock`
+    lets a test move the breakers' time (open -> half-open) without waiting.
     """
     secrets, cloud, resilience = settings.secrets, settings.cloud, settings.resilience
-    connectivity = Connectivity(
-        tcp_probe(settings.openai_base_url or OPENAI_DEFAULT_URL),
-        probe_interval_s=resilience.probe_interval_s,
-    )
 
     def policy(
-        service: str, breaker: CircuitBreaker, limit: RateLimit, deadline_s: float
+        service: str,
+        breaker: CircuitBreaker,
+        limit: RateLimit,
+        deadline_s: float,
+        connectivity: Connectivity,
     ) -> CallPolicy:
         return CallPolicy(
             service,
@@ -83,34 +86,44 @@ def build_engines(
             "tts": resilience.tts_hedge_after_ms / 1000,
         },
         cache=_open_voice_cache(settings) if voice_cache and settings.voice_cache.max_mb else None,
-        connectivity=connectivity,
     )
     if cloud.enabled and secrets.openai_api_key is not None:
         from openai import AsyncOpenAI
 
+        openai_url = settings.openai_base_url or OPENAI_DEFAULT_URL
         client = AsyncOpenAI(
             api_key=secrets.openai_api_key.get_secret_value(),
-            base_url=settings.openai_base_url or OPENAI_DEFAULT_URL,
+            base_url=openai_url,
             max_retries=0,  # one retry layer: ours
         )
         openai_breaker, openai_limit = (
             breaker("openai"),
             RateLimit(resilience.requests_per_minute, resilience.concurrency),
         )
+        openai_reachable = service_connectivity("openai", openai_url, settings)
         engines.cloud_stt = Cloud(
             OpenAIWhisperEngine(client, model=cloud.stt_model, language=settings.stt.language),
-            policy("openai", openai_breaker, openai_limit, resilience.stt_deadline_s),
+            policy(
+                "openai", openai_breaker, openai_limit, resilience.stt_deadline_s, openai_reachable
+            ),
         )
         engines.cloud_reply = Cloud(
             CloudReplyEngine(client, model=cloud.reply_model, max_tokens=cloud.reply_max_tokens),
-            policy("openai", openai_breaker, openai_limit, resilience.reply_deadline_s),
+            policy(
+                "openai",
+                openai_breaker,
+                openai_limit,
+                resilience.reply_deadline_s,
+                openai_reachable,
+            ),
         )
     if cloud.enabled and secrets.elevenlabs_api_key is not None:
         from elevenlabs.client import AsyncElevenLabs
 
+        elevenlabs_url = settings.elevenlabs_base_url or ELEVENLABS_DEFAULT_URL
         elevenlabs = AsyncElevenLabs(
             api_key=secrets.elevenlabs_api_key.get_secret_value(),
-            base_url=settings.elevenlabs_base_url,
+            base_url=elevenlabs_url,
         )
         engines.cloud_tts = Cloud(
             ElevenLabsEngine(
@@ -124,9 +137,17 @@ def build_engines(
                 breaker("elevenlabs"),
                 RateLimit(resilience.requests_per_minute, resilience.concurrency),
                 resilience.tts_deadline_s,
+                service_connectivity("elevenlabs", elevenlabs_url, settings),
             ),
         )
     return engines
+
+
+def service_connectivity(service: str, url: str, settings: Settings) -> Connectivity:
+    """Whether `service` can be reached, probing the host (and port) of `url` while it cannot."""
+    return Connectivity(
+        tcp_probe(url), service=service, probe_interval_s=settings.resilience.probe_interval_s
+    )
 
 
 def _open_voice_cache(settings: Settings) -> VoiceCache | None:
@@ -140,13 +161,12 @@ def _open_voice_cache(settings: Settings) -> VoiceCache | None:
         return None
 
 
-def build_syncer(
-    settings: Settings, spool: Spool, connectivity: Connectivity | None = None
-) -> Syncer:
+def build_syncer(settings: Settings, spool: Spool) -> Syncer:
     """The store-and-forward syncer; with no bucket set it keeps captures local (and still keeps the quota).
 
     A store that cannot be configured (no region anywhere, say) turns sync off with one error
     line rather than stopping the service: captures wait on the device until it is fixed.
+    The store has its own connectivity, probing the S3 endpoint's host; no speech service's.
     """
     try:
         config = StoreConfig.from_settings(settings)
@@ -162,12 +182,15 @@ def build_syncer(
         auth_reset_s=resilience.auth_reset_s,
     )
     assert settings.device_id is not None
+    store = open_store(config, settings) if config else None
     return Syncer(
         spool,
-        open_store(config, settings) if config else None,
+        store,
         settings.sync,
         settings.device_id,
-        connectivity=connectivity,
+        connectivity=(
+            service_connectivity("store", store.endpoint_url, settings) if store else None
+        ),
         breaker=breaker,
     )
 

@@ -168,7 +168,7 @@ async def serve(settings: Settings, devices: Devices, *, simulate: bool = False)
         async with extending_startup(notifier):
             spool = await asyncio.to_thread(builders.open_spool, settings)  # may recover
             engines = builders.build_engines(settings)
-            syncer = builders.build_syncer(settings, spool, engines.connectivity)
+            syncer = builders.build_syncer(settings, spool)
             appliance = Appliance(
                 settings, devices, engines, spool, syncer=syncer, notifier=notifier
             )

@@ -252,6 +252,13 @@ class CaptureStore:
         )
         self._serializer = TypeSerializer()
 
+    @property
+    def endpoint_url(self) -> str:
+        """The S3 endpoint the store talks to: the configured one, else the region's (as
+        botocore resolves it, e.g. https://s3.eu-west-1.amazonaws.com). Its host is what
+        the store's connectivity probes."""
+        return str(self._s3.meta.endpoint_url)
+
     # --- keys -----------------------------------------------------------------------------------
 
     def device_prefix(self, device_id: str) -> str:

@@ -1,9 +1,12 @@
-"""Is the device online? Shared by every cloud service, fed by call outcomes and a cheap probe.
+"""Can one cloud service be reached? One per service, fed by its calls and a cheap probe of its host.
 
-Fail over fast: once two calls in a row could not reach the network, every
-service skips the cloud (CloudError OFFLINE) instead of paying a timeout each,
-and `run()` probes with a TCP connect until the network is back. While online
-nothing is probed: real calls are evidence enough and cost nothing extra.
+OpenAI, ElevenLabs and the capture store each have their own: one being down
+never marks the others down (ElevenLabs keeps speaking while OpenAI is out of
+reach, and sync goes on while both are). Fail over fast: once two calls in a row
+could not reach the service, its calls are skipped (CloudError OFFLINE) instead
+of paying a timeout each, and `run()` probes its host with a TCP connect until it
+answers again. While online nothing is probed: real calls are evidence enough
+and cost nothing extra.
 """
 
 from __future__ import annotations
@@ -26,12 +29,13 @@ Probe = Callable[[], Awaitable[bool]]
 
 
 class Connectivity:
-    """Online/offline state with change notification, for the policies and the syncer."""
+    """One service's online/offline state with change notification, for its policies or the syncer."""
 
     def __init__(
         self,
         probe: Probe,
         *,
+        service: str,
         offline_after: int = 2,
         probe_interval_s: float = 15.0,
         max_probe_interval_s: float = 120.0,
@@ -40,6 +44,7 @@ class Connectivity:
     ) -> None:
         if offline_after < 1:
             raise ValueError("offline_after must be at least 1")
+        self.service = service
         self.offline_after = offline_after
         self.probe_interval_s = probe_interval_s
         self.max_probe_interval_s = max(max_probe_interval_s, probe_interval_s)
@@ -59,7 +64,7 @@ class Connectivity:
         return self._online
 
     def record_success(self) -> None:
-        """A call reached the cloud: the network works."""
+        """A call reached the service: the way there works."""
         self._consecutive = 0
         if not self._online:
             self._set(True, "a call succeeded")
@@ -78,7 +83,7 @@ class Connectivity:
         return lambda: self._subscribers.remove(callback)
 
     async def wait_online(self) -> None:
-        """Return at once if online, else when the network is back."""
+        """Return at once if online, else when the service can be reached again."""
         await self._is_online.wait()
 
     async def wait_changed(self) -> bool:
@@ -114,18 +119,21 @@ class Connectivity:
         try:
             return bool(await self._probe())
         except Exception as exc:  # noqa: BLE001 - a broken probe must not end the task
-            log.warning("connectivity probe failed: %s", type(exc).__name__)
+            log.warning("%s: connectivity probe failed: %s", self.service, type(exc).__name__)
             return False
 
     def _set(self, online: bool, why: str) -> None:
         self._online = online
         self._since = self._clock()
         if online:
-            log.info("back online (%s); using the cloud again", why)
+            log.info("%s: back online (%s); using it again", self.service, why)
             self._is_online.set()
         else:
             log.warning(
-                "offline: %s; using local engines, probing every %gs", why, self.probe_interval_s
+                "%s: offline: %s; not calling it, probing every %gs",
+                self.service,
+                why,
+                self.probe_interval_s,
             )
             self._is_online.clear()
         changed, self._changed = self._changed, asyncio.Event()

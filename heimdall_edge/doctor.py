@@ -228,7 +228,8 @@ def _credential(label: str, field: str) -> Callable[[Settings], Check]:
 
 
 def _cloud_state(settings: Settings) -> Check:
-    """What the running service last saw of the cloud (its status.json): connectivity and breakers."""
+    """What the running service last saw of the cloud (its status.json): whether its speech
+    services were all reachable, each service's reachability (the store's too) and breakers."""
     from heimdall_edge.appliance import STATUS_FILE
 
     path = settings.state_dir / STATUS_FILE
@@ -241,12 +242,22 @@ def _cloud_state(settings: Settings) -> Check:
             Level.WARN, "cloud state", f"{path} unreadable ({exc}): it is rewritten after each turn"
         )
     breakers = status.get("breakers", {})
+    reachable = status.get("reachable", {})
     age_s = time.time() - float(status.get("updated_at", 0))
     parts = [f"{'online' if status.get('online') else 'OFFLINE'} ({age_s:.0f} s ago)"]
+    parts += [
+        f"{name} {'reachable' if up else 'UNREACHABLE'}" for name, up in sorted(reachable.items())
+    ]
     parts += [f"{name} breaker {info.get('state')}" for name, info in sorted(breakers.items())]
     open_ = [name for name, info in breakers.items() if info.get("state") != "closed"]
-    if open_ or not status.get("online", True):
-        return Check(Level.WARN, "cloud state", ", ".join(parts) + ": answering with local engines")
+    away = {name for name, up in reachable.items() if not up}
+    effects = []
+    if open_ or away & breakers.keys() or not status.get("online", True):
+        effects.append("answering with local engines")
+    if away - breakers.keys():  # the store: sync waits, the turns go on
+        effects.append("captures wait on the device")
+    if effects:
+        return Check(Level.WARN, "cloud state", ", ".join(parts) + ": " + " and ".join(effects))
     return Check(Level.OK, "cloud state", ", ".join(parts))
 
 

@@ -36,7 +36,8 @@ SAY_NOT_UNDERSTOOD = "Sorry, I couldn't make that out. I kept the recording."
 SAY_NO_REPLY = "I kept that, but I can't answer right now."
 SAY_STORAGE_FULL = "My storage is full, so I couldn't keep that."
 FIXED_PHRASES = [SAY_NOT_UNDERSTOOD, SAY_NO_REPLY, SAY_STORAGE_FULL, OFFLINE_ACK]
-"""Rendered into the voice cache at start-up, so they can always be spoken without the cloud."""
+"""Rendered into the voice cache at start-up, so they can always be spoken without the cloud,
+and again in the cloud voice once it can be had (preferred_voice.py)."""
 
 
 @dataclass
@@ -173,11 +174,16 @@ class Interaction:
     ) -> ReplyRequest:
         """What the reply engines are asked: the words, the latest frame, the device's state."""
         pending = await asyncio.to_thread(self._pending_count)
+        online = self._engines.online
         return ReplyRequest(
             transcript=transcript.text,
             capture_id="",  # not an engine's business: the reply is the same for any capture
             image_jpeg=frames[-1] if frames else None,
-            status={"pending_captures": str(pending), "online": str(self._engines.online).lower()},
+            status={
+                "pending_captures": str(pending),
+                "online": str(all(online.values())).lower(),
+                **{f"online_{service}": str(up).lower() for service, up in online.items()},
+            },
             history=history,
         )
 

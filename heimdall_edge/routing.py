@@ -1,8 +1,8 @@
 """Prefer the cloud, answer locally whenever it cannot: fallback, hedging and the voice cache.
 
 Every stage (transcribe, reply, speak) is asked the same way: start the cloud
-engine unless the device is offline or the service's breaker is open (then
-the local engine starts at once, paying no timeout); if the cloud has not
+engine unless its service is out of reach or its breaker is open (then the
+local engine starts at once, paying no timeout); if the cloud has not
 answered within the stage's hedge delay, start the local engine too and keep
 whichever answers first; if the cloud fails, answer locally in the same turn.
 An "answer" is the first item of a stream (a transcript, the first sentence,
@@ -185,18 +185,21 @@ class Engines:
         cloud_tts: Cloud[ElevenLabsEngine] | None = None,
         hedge_after_s: dict[str, float] | None = None,
         cache: VoiceCache | None = None,
-        connectivity: Connectivity | None = None,
     ) -> None:
         self.stt, self.reply_engine, self.tts = stt, reply, tts
         self.cloud_stt, self.cloud_reply, self.cloud_tts = cloud_stt, cloud_reply, cloud_tts
         self._hedge = hedge_after_s or {}
         self.cache = cache
-        self.connectivity = connectivity
 
     @property
-    def online(self) -> bool:
-        """Whether the cloud is thought reachable (always true with no cloud to reach)."""
-        return self.connectivity is None or self.connectivity.online
+    def connectivities(self) -> dict[str, Connectivity]:
+        """Each cloud service's own reachability, by service (OpenAI's two stages share one)."""
+        return {p.service: p.connectivity for p in self.policies if p.connectivity is not None}
+
+    @property
+    def online(self) -> dict[str, bool]:
+        """Whether each cloud service is thought reachable, by service; {} with no cloud."""
+        return {service: c.online for service, c in self.connectivities.items()}
 
     @property
     def policies(self) -> list[CallPolicy]:
@@ -275,25 +278,20 @@ class Engines:
         return await self._prefer("reply", "reply", cloud, from_cloud, from_local)
 
     async def speak(self, text: str) -> Answer[Audio]:
-        """Audio for `text`: from the voice cache when it has it, else synthesized (and then cached)."""
+        """Audio for `text`: from the voice cache when it has it, else synthesized (and then cached).
+
+        A clip in the cloud voice is played whenever the cache has it, whatever the service's
+        state: the voice changes only when it must (a sentence it never spoke, while it is away).
+        """
         cloud = self.cloud_tts
         if (
             cloud is not None
-            and cloud.policy.available()
             and (hit := await self._cached(cloud.engine.name, self._cloud_key(text))) is not None
         ):
             return hit
 
         async def from_cloud() -> Answer[Audio]:
-            assert cloud is not None
-            key = self._cloud_key(text)
-            answer = await cloud.policy.call(
-                lambda timeout: first_of(cloud.engine.name, cloud.engine.synthesize(text, timeout))
-            )
-            answer.rest = _survive(
-                "speak", self._keep(key, answer.first, answer.rest), cloud.policy
-            )
-            return answer
+            return await self._synthesize_in_cloud(text)
 
         async def from_local() -> Answer[Audio]:
             if self.cache is None:
@@ -308,7 +306,8 @@ class Engines:
         return await self._prefer("speak", "tts", cloud, from_cloud, from_local)
 
     async def prerender(self, phrases: list[str]) -> int:
-        """Render fixed phrases locally into the cache at start-up, so they never need the cloud."""
+        """Render fixed phrases locally into the cache at start-up, so they never need the cloud
+        (until the cloud voice has them: see preferred_voice.py)."""
         if self.cache is None:
             return 0
         rendered = 0
@@ -319,6 +318,35 @@ class Engines:
             chunks = [chunk async for chunk in self.tts.synthesize(phrase)]
             rendered += await self._put(key, _joined(chunks))
         return rendered
+
+    async def in_cloud_voice(self, text: str) -> bool:
+        """Whether the voice cache holds `text` in the cloud voice (never with no cloud voice or cache)."""
+        if self.cloud_tts is None or self.cache is None:
+            return False
+        return await asyncio.to_thread(self.cache.__contains__, self._cloud_key(text))
+
+    async def render_in_cloud_voice(self, text: str) -> bool:
+        """Synthesize `text` in the cloud voice into the voice cache, under the service's policy.
+
+        True once the clip is kept; False if the stream broke off (counted, logged) or the
+        cache would not take it; a CloudError if the service could not be asked.
+        """
+        answer = await self._synthesize_in_cloud(text)
+        async for _chunk in answer.items():
+            pass
+        return await self.in_cloud_voice(text)
+
+    async def _synthesize_in_cloud(self, text: str) -> Answer[Audio]:
+        """The cloud voice's audio under its policy, kept in the cache once it is whole."""
+        cloud = self.cloud_tts
+        assert cloud is not None
+        answer = await cloud.policy.call(
+            lambda timeout: first_of(cloud.engine.name, cloud.engine.synthesize(text, timeout))
+        )
+        answer.rest = _survive(
+            "speak", self._keep(self._cloud_key(text), answer.first, answer.rest), cloud.policy
+        )
+        return answer
 
     def _cloud_key(self, text: str) -> str:
         assert self.cloud_tts is not None

@@ -242,7 +242,7 @@ class ResilienceSettings(Section):
     concurrency: Annotated[int, Field(ge=1, le=16)] = 2
     """Per-service requests in flight at once."""
     probe_interval_s: Annotated[float, Field(gt=0, le=3600)] = 15.0
-    """While offline, how often to check whether the cloud is reachable again."""
+    """While a service (OpenAI, ElevenLabs, the store) is out of reach, how often to probe its host (doubling, up to 2 minutes)."""
 
 
 class VoiceCacheSettings(Section):

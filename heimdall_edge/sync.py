@@ -24,11 +24,13 @@ holds *different* bytes is marked sync_state "failed" (a person must look); noth
 else ever gives up.
 
 `Syncer.run()` is the long-lived service task: it drains pending captures, backs
-off (exponentially, with jitter) while the store fails, waits while the device is
-offline or the store's breaker is open, and drains at once when the network
-returns or a new capture is kept (`notify()`). After each pass the spool's keeper
-(spool_keeper.py) applies retention and the quota; the syncer tells it which captures
-it is uploading, so none of them is evicted meanwhile.
+off (exponentially, with jitter) while the store fails, waits while the store is
+out of reach or its breaker is open, and drains at once when the store can be
+reached again or a new capture is kept (`notify()`). Reachability is the store's
+own (its calls feed it, and run() probes the S3 endpoint's host while it is away),
+never a speech service's: sync goes on while OpenAI or ElevenLabs is down. After
+each pass the spool's keeper (spool_keeper.py) applies retention and the quota; the
+syncer tells it which captures it is uploading, so none of them is evicted meanwhile.
 
 boto3 blocks: every store call runs in a worker thread (`asyncio.to_thread`).
 """
@@ -241,9 +243,9 @@ class Syncer:
     """Spool -> S3 -> DynamoDB, exactly once per capture; safe to run in several processes.
 
     `store=None` means sync is off (no bucket): nothing is uploaded, captures stay on
-    the device, and the quota still applies. The breaker is the store's own (one for
-    S3 and DynamoDB together); the syncer reads connectivity but does not feed it: an
-    S3 endpoint may be on the LAN while the internet is down, or the reverse.
+    the device, and the quota still applies. The breaker and `connectivity` are the
+    store's own (one for S3 and DynamoDB together): every store call feeds both, and
+    run() runs the connectivity's probe, so `sync` alone finds the store back too.
     """
 
     def __init__(
@@ -549,7 +551,7 @@ class Syncer:
         except CloudError as error:
             no_credentials = error.service == CREDENTIALS_SERVICE
             if error.kind in RETRYABLE or error.kind is ErrorKind.MALFORMED or no_credentials:
-                self.breaker.record_failure(error.kind)
+                self._record_failure(error)
                 report.error, report.error_kind = str(error), error.kind
                 log.info("sync pass skipped: %s", error)
                 return False
@@ -564,7 +566,7 @@ class Syncer:
             else:  # a missing bucket, say: the uploads will report it
                 log.info("cannot clean up interrupted multipart uploads: %s", error)
             return True
-        self.breaker.record_success()
+        self._record_success()
         self._stale_cleanup_done = True
         report.reached_store = True
         report.aborted_uploads = aborted
@@ -610,6 +612,13 @@ class Syncer:
         unsubscribe = (
             self.connectivity.subscribe(self._on_connectivity) if self.connectivity else None
         )
+        prober = (
+            asyncio.create_task(
+                self.connectivity.run(), name=f"connectivity-{self.connectivity.service}"
+            )
+            if self.connectivity is not None
+            else None
+        )
         failures = 0
         last_logged: str | None = None
         try:
@@ -617,8 +626,8 @@ class Syncer:
                 if self.connectivity is not None and not self.connectivity.online:
                     self._state = "offline"
                     self._back_online.clear()  # offline now: an earlier "back online" is stale
-                    # Back online wakes us; after retry_max_s try anyway, in case the store is
-                    # reachable although the internet is not (a bucket on the LAN).
+                    # The probe finding the store back wakes us; after retry_max_s try anyway,
+                    # in case the store answers although its host refuses a bare connect.
                     if await self._wait(stop, self.settings.retry_max_s, notify=False) != "timeout":
                         continue
                 if self.breaker.state is BreakerState.OPEN:
@@ -680,6 +689,10 @@ class Syncer:
                 await self._wait(stop, delay, notify=False)
         finally:
             self._halt.set()
+            if prober is not None:
+                prober.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await prober
             if unsubscribe is not None:
                 with contextlib.suppress(ValueError):
                     unsubscribe()
@@ -741,7 +754,7 @@ class Syncer:
 
     def _on_connectivity(self, online: bool) -> None:
         if online:
-            log.info("network back: syncing pending captures now")
+            log.info("the store can be reached again: syncing pending captures now")
             self._set_soon("_back_online")
 
     def _set_soon(self, name: str) -> None:
@@ -807,8 +820,9 @@ class Syncer:
     async def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """One store call in a worker thread, through the breaker.
 
-        A CloudError (StoreError) counts for the breaker; any other exception (an
-        OSError reading the file) says nothing about the store and propagates.
+        A CloudError (StoreError) counts for the breaker and the store's connectivity; any
+        other exception (an OSError reading the file) says nothing about the store and
+        propagates.
         """
         probing = self.breaker.state is BreakerState.HALF_OPEN
         if not self.breaker.allow():
@@ -817,16 +831,28 @@ class Syncer:
         try:
             result = await asyncio.to_thread(fn, *args, **kwargs)
         except CloudError as error:
-            self.breaker.record_failure(error.kind)
+            self._record_failure(error)
             settled = True
             raise
         else:
-            self.breaker.record_success()
+            self._record_success()
             settled = True
             return result
         finally:
             if probing and not settled:
                 self.breaker.release_probe()
+
+    def _record_success(self) -> None:
+        self.breaker.record_success()
+        if self.connectivity is not None:
+            self.connectivity.record_success()
+
+    def _record_failure(self, error: CloudError) -> None:
+        """For the breaker, and for the store's connectivity unless it was the credentials
+        provider (another host) that could not be reached."""
+        self.breaker.record_failure(error.kind)
+        if self.connectivity is not None and error.service != CREDENTIALS_SERVICE:
+            self.connectivity.record_failure(error.kind)
 
     def _put_file(
         self,

@@ -82,6 +82,7 @@ async def test_button_press_on_simulated_service_runs_a_whole_interaction(
     assert "STATUS=listening (button)" in lines
     status = json.loads((settings.state_dir / "status.json").read_text())
     assert status["captures"]["pending"] == 1 and status["breakers"] == {}
+    assert status["online"] is True and status["reachable"] == {}  # no cloud service to reach
 
 
 async def service_until_sigterm(recording: Path, ready_to_stop) -> tuple[int, bytes]:

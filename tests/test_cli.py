@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import wave
 from pathlib import Path
 
@@ -156,3 +157,49 @@ def test_doctor_shows_what_the_service_saw_of_the_cloud() -> None:
     lines = heimdall("doctor").stdout.splitlines()
     [line] = [line for line in lines if "cloud state" in line]
     assert line.startswith("WARN cloud state: online") and "openai breaker open" in line
+
+
+@pytest.mark.parametrize(
+    ("reachable", "expected"),
+    [
+        (
+            {"openai": False, "elevenlabs": True, "store": True},
+            (
+                "WARN cloud state: OFFLINE (N s ago), elevenlabs reachable, openai UNREACHABLE, "
+                "store reachable, elevenlabs breaker closed, openai breaker closed: "
+                "answering with local engines"
+            ),
+        ),
+        (
+            {"openai": True, "elevenlabs": True, "store": False},
+            (
+                "WARN cloud state: online (N s ago), elevenlabs reachable, openai reachable, "
+                "store UNREACHABLE, elevenlabs breaker closed, openai breaker closed: "
+                "captures wait on the device"
+            ),
+        ),
+        (
+            {"openai": True, "elevenlabs": True, "store": True},
+            (
+                "OK   cloud state: online (N s ago), elevenlabs reachable, openai reachable, "
+                "store reachable, elevenlabs breaker closed, openai breaker closed"
+            ),
+        ),
+    ],
+    ids=["openai-down", "store-down", "all-up"],
+)
+def test_doctor_shows_each_service_on_its_own(reachable: dict, expected: str) -> None:
+    state = Path(os.environ["HEIMDALL_STATE_DIR"])
+    state.mkdir(mode=0o700, parents=True, exist_ok=True)
+    closed = {"state": "closed", "failures_in_window": 0, "last_error": None}
+    status = {
+        "updated_at": time.time(),
+        "online": reachable["openai"] and reachable["elevenlabs"],
+        "reachable": reachable,
+        "breakers": {"openai": closed, "elevenlabs": closed},
+        "captures": {},
+    }
+    (state / "status.json").write_text(json.dumps(status))
+    lines = heimdall("doctor").stdout.splitlines()
+    shown = [re.sub(r"\d+ s ago", "N s ago", line) for line in lines if "cloud state" in line]
+    assert shown == [expected]

@@ -139,13 +139,15 @@ async def test_refused_connections_go_offline_and_skip_the_cloud(
     cloud.refuse_connections()
     for _ in range(2):
         assert (await transcribe(engines, clip))[0] == "faster-whisper"
-    assert engines.connectivity is not None and not engines.connectivity.online
+    # OpenAI's calls failed: OpenAI is offline; ElevenLabs, not asked, is not marked down.
+    assert engines.online == {"openai": False, "elevenlabs": True}
     reply = await engines.reply(ReplyRequest("tell me a joke", "c1", status={"online": "false"}))
     assert reply.engine == "offline" and reply.first == "I'm offline, but I've saved that."
-    prober = asyncio.create_task(engines.connectivity.run())
+    openai = engines.connectivities["openai"]
+    prober = asyncio.create_task(openai.run())
     try:
         cloud.accept_connections()
-        await asyncio.wait_for(engines.connectivity.wait_online(), 10)  # the probe found it back
+        await asyncio.wait_for(openai.wait_online(), 10)  # the probe found it back
     finally:
         prober.cancel()
     engine, text, _ = await transcribe(engines, clip)
@@ -165,7 +167,7 @@ async def test_hung_cloud_costs_only_the_hedge_delay(
     assert breaker.state is BreakerState.CLOSED
     assert breaker.snapshot()["failures_in_window"] == 1
     assert breaker.snapshot()["last_error"] == "slow"
-    assert engines.connectivity is not None and engines.connectivity.online
+    assert engines.online == {"openai": True, "elevenlabs": True}
 
 
 async def test_hung_cloud_opens_the_breaker_then_costs_nothing_until_it_is_fast_again(

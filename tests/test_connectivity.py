@@ -11,8 +11,10 @@ import pytest
 import pytest_asyncio
 from shared import FakeClock
 
+from heimdall_edge import builders
 from heimdall_edge.connectivity import Connectivity, _host_port, tcp_probe
 from heimdall_edge.resilience import ErrorKind
+from heimdall_edge.settings import load_settings
 
 TIMEOUT = 5.0  # every async test is bounded
 
@@ -32,7 +34,7 @@ class ScriptedProbe:
 def make(probe: ScriptedProbe | None = None, **kwargs: float) -> tuple[Connectivity, FakeClock]:
     clock = FakeClock()
     connectivity = Connectivity(
-        probe or ScriptedProbe(True), clock=clock, sleep=clock.sleep, **kwargs
+        probe or ScriptedProbe(True), service="openai", clock=clock, sleep=clock.sleep, **kwargs
     )  # type: ignore[arg-type]
     return connectivity, clock
 
@@ -209,7 +211,12 @@ async def test_a_probe_that_raises_counts_as_offline() -> None:
 
     clock = FakeClock()
     connectivity = Connectivity(
-        probe, offline_after=1, probe_interval_s=1.0, clock=clock, sleep=clock.sleep
+        probe,
+        service="openai",
+        offline_after=1,
+        probe_interval_s=1.0,
+        clock=clock,
+        sleep=clock.sleep,
     )
 
     async def scenario() -> None:
@@ -285,3 +292,91 @@ def test_host_port(target: str, port: int | None, expected: tuple[str, int]) -> 
 def test_host_port_rejects_no_host() -> None:
     with pytest.raises(ValueError, match="no host"):
         _host_port("https://", None)
+
+
+# --- one per service, each probing its own host ---------------------------------------------------
+
+
+class CountingListener:
+    """A real listening socket on loopback that counts the connections it accepts."""
+
+    def __init__(self) -> None:
+        self.accepted = 0
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.accepted += 1
+            writer.close()
+
+        self._server = await asyncio.start_server(accept, "127.0.0.1", 0)
+        return self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+
+async def test_each_service_probes_its_own_host_and_is_down_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    listeners = {name: CountingListener() for name in ("openai", "elevenlabs", "store")}
+    ports = {name: await listener.start() for name, listener in listeners.items()}
+    for name, value in {
+        "OPENAI_API_KEY": "sk-test",
+        "ELEVENLABS_API_KEY": "el-test",
+        "HEIMDALL_OPENAI_BASE_URL": f"http://127.0.0.1:{ports['openai']}/v1",
+        "HEIMDALL_ELEVENLABS_BASE_URL": f"http://127.0.0.1:{ports['elevenlabs']}",
+        "HEIMDALL_S3_BUCKET": "captures",
+        "HEIMDALL_S3_ENDPOINT_URL": f"http://127.0.0.1:{ports['store']}",
+        "HEIMDALL_SYNC__REGION": "eu-west-1",
+        "HEIMDALL_RESILIENCE__PROBE_INTERVAL_S": "0.05",
+    }.items():
+        monkeypatch.setenv(name, value)
+    settings = load_settings()
+    engines = builders.build_engines(settings, voice_cache=False)
+    with builders.open_spool(settings) as spool:
+        store = builders.build_syncer(settings, spool).connectivity
+    assert store is not None
+    services = {**engines.connectivities, "store": store}
+    assert engines.cloud_stt is not None and engines.cloud_reply is not None
+    assert engines.cloud_stt.policy.connectivity is engines.cloud_reply.policy.connectivity
+
+    async def scenario() -> None:
+        for name, connectivity in services.items():
+            before = {n: listener.accepted for n, listener in listeners.items()}
+            probes = [asyncio.create_task(c.run()) for c in services.values()]
+            connectivity.record_failure(ErrorKind.CONNECTION)
+            connectivity.record_failure(ErrorKind.CONNECTION)
+            others = {other: c.online for other, c in services.items() if other != name}
+            assert not connectivity.online and all(others.values()), (name, others)
+            assert engines.online == {s: s != name for s in ("openai", "elevenlabs")}
+            await connectivity.wait_online()  # its own probe found its own host
+            for probe in probes:
+                probe.cancel()
+            await asyncio.gather(*probes, return_exceptions=True)
+            # One connection, to its own host; none to the others (their probes are idle).
+            after = {n: listener.accepted - before[n] for n, listener in listeners.items()}
+            assert after == {n: int(n == name) for n in listeners}, name
+
+    try:
+        await asyncio.wait_for(scenario(), TIMEOUT)
+    finally:
+        for listener in listeners.values():
+            await listener.stop()
+
+
+def test_the_store_is_probed_at_its_regional_endpoint_without_an_endpoint_url(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from heimdall_edge.cloudstore import CaptureStore, StoreConfig
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    store = CaptureStore(StoreConfig(bucket="b", prefix="", table=None, region="eu-west-1"))
+    assert _host_port(store.endpoint_url, None) == ("s3.eu-west-1.amazonaws.com", 443)
+    local = StoreConfig(
+        bucket="b", prefix="", table=None, region="eu-west-1", s3_endpoint_url="http://minio:9000"
+    )
+    assert _host_port(CaptureStore(local).endpoint_url, None) == ("minio", 9000)

@@ -610,7 +610,9 @@ async def test_policy_deadline_overrun_fails_the_service_not_the_network() -> No
     async def probe() -> bool:
         raise AssertionError("an overrun deadline must not send connectivity probing")
 
-    connectivity = Connectivity(probe, offline_after=1, clock=clock, sleep=clock.sleep)
+    connectivity = Connectivity(
+        probe, service="svc", offline_after=1, clock=clock, sleep=clock.sleep
+    )
     breaker = make_breaker(clock, failure_threshold=2)
     policy = CallPolicy(
         "svc",
@@ -650,7 +652,11 @@ def test_latency_norm_tells_far_slower_from_jitter_and_follows_a_new_pace() -> N
 async def test_policy_far_slower_answers_open_the_breaker_and_are_still_returned() -> None:
     clock = FakeClock()
     connectivity = Connectivity(
-        lambda: asyncio.sleep(0, True), offline_after=1, clock=clock, sleep=clock.sleep
+        lambda: asyncio.sleep(0, True),
+        service="svc",
+        offline_after=1,
+        clock=clock,
+        sleep=clock.sleep,
     )
     breaker = make_breaker(clock, failure_threshold=3)
     policy = make_policy(
@@ -694,7 +700,7 @@ async def test_policy_offline_short_circuits_with_zero_calls() -> None:
     async def never() -> bool:
         raise AssertionError("not probed here")
 
-    connectivity = Connectivity(never, clock=clock, sleep=clock.sleep)
+    connectivity = Connectivity(never, service="svc", clock=clock, sleep=clock.sleep)
     connectivity.record_failure(ErrorKind.CONNECTION)
     connectivity.record_failure(ErrorKind.CONNECTION)
     breaker = make_breaker(clock)
@@ -712,7 +718,9 @@ async def test_policy_feeds_connectivity() -> None:
     async def probe() -> bool:
         return True
 
-    connectivity = Connectivity(probe, offline_after=2, clock=clock, sleep=clock.sleep)
+    connectivity = Connectivity(
+        probe, service="svc", offline_after=2, clock=clock, sleep=clock.sleep
+    )
     policy = make_policy(
         clock, make_breaker(clock, failure_threshold=100), max_attempts=2, connectivity=connectivity
     )
@@ -868,7 +876,9 @@ async def test_policy_available_and_failures_reported_from_outside() -> None:
     async def probe() -> bool:
         return True
 
-    connectivity = Connectivity(probe, offline_after=1, clock=clock, sleep=clock.sleep)
+    connectivity = Connectivity(
+        probe, service="svc", offline_after=1, clock=clock, sleep=clock.sleep
+    )
     breaker = make_breaker(clock, failure_threshold=1)
     policy = make_policy(clock, breaker, connectivity=connectivity)
     assert policy.available()

@@ -51,6 +51,9 @@ def cloud(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeCloud]:
         monkeypatch.setenv("HEIMDALL_LISTENING__MODE", "voice")
         monkeypatch.setenv("HEIMDALL_LISTENING__WAKE_WORD", "")  # any speech starts a turn
         monkeypatch.setenv("HEIMDALL_ENGINES__PRELOAD", "false")
+        # No voice cache, so no phrase rendered in the cloud voice in the background: every
+        # request the fake counts is a turn's.
+        monkeypatch.setenv("HEIMDALL_VOICE_CACHE__MAX_MB", "0")
         yield fake
 
 
@@ -97,7 +100,8 @@ async def test_hung_cloud_opens_the_breakers_and_the_probe_closes_them_when_fast
     assert cloud.count("tts") == 3
     assert breakers(engines) == {"openai": BreakerState.OPEN, "elevenlabs": BreakerState.OPEN}
     assert all(p.breaker.snapshot()["last_error"] == "slow" for p in engines.policies)
-    assert engines.online  # hung is slow, not unreachable: the network was never blamed
+    # Hung is slow, not unreachable: the network was never blamed.
+    assert engines.online == {"openai": True, "elevenlabs": True}
     stats = engines.call_stats()
     assert stats["openai"]["slow"] == 3 and stats["elevenlabs"]["slow"] == 3
     assert stats["openai"]["skipped"] >= 3 and stats["elevenlabs"]["skipped"] >= 1

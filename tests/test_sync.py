@@ -26,7 +26,7 @@ from moto_server import MotoServer, use_aws_test_env
 from shared import FakeClock, until
 
 from heimdall_edge.cloudstore import CaptureStore, PutResult, StoreConfig, index_item
-from heimdall_edge.connectivity import Connectivity
+from heimdall_edge.connectivity import Connectivity, tcp_probe
 from heimdall_edge.resilience import BreakerState, CircuitBreaker, ErrorKind
 from heimdall_edge.settings import SyncSettings
 from heimdall_edge.spool import CaptureRecord, Spool
@@ -859,7 +859,7 @@ async def test_run_waits_while_offline_and_drains_when_the_network_returns(
     async def probe() -> bool:
         return False
 
-    connectivity = Connectivity(probe, offline_after=1)
+    connectivity = Connectivity(probe, service="store", offline_after=1)
     connectivity.record_failure(ErrorKind.CONNECTION)
     assert not connectivity.online
     records = [capture(spool) for _ in range(3)]
@@ -887,7 +887,7 @@ async def test_run_does_not_spin_when_the_network_flaps(store: CaptureStore, spo
     async def probe() -> bool:
         return False
 
-    connectivity = Connectivity(probe, offline_after=1)
+    connectivity = Connectivity(probe, service="store", offline_after=1)
     connectivity.record_failure(ErrorKind.CONNECTION)
     capture(spool)
     waits: list[float] = []
@@ -965,6 +965,45 @@ async def test_run_backs_off_exponentially_while_the_store_is_down_then_recovers
     assert all(spool.get(r.capture_id).sync_state == "synced" for r in records)
     warnings = [m for m in messages(caplog) if "sync failed" in m]
     assert len(warnings) == 1, warnings  # the same error again is logged at INFO
+
+
+async def test_run_takes_the_store_offline_from_its_calls_and_probes_it_back_itself(
+    moto: MotoServer, store: CaptureStore, spool: Spool
+) -> None:
+    """As `sync` runs it, with no appliance: the store's own connectivity, fed by the store's
+    calls and probed (at the store's host) by run() itself."""
+    moto.stop()
+    capture(spool)
+    probe_waits: list[float] = []
+
+    async def probe_sleep(seconds: float) -> None:
+        probe_waits.append(seconds)
+        if len(probe_waits) == 2:
+            moto.start()  # back before the second probe
+        await asyncio.sleep(0.001)
+
+    connectivity = Connectivity(
+        tcp_probe(moto.url), service="store", probe_interval_s=1.0, sleep=probe_sleep
+    )
+    changes: list[bool] = []
+    connectivity.subscribe(changes.append)
+    clock = FakeClock()
+    sleep = ScriptedSleep(clock, idle_s=1000)
+    sync = syncer(
+        spool, store, interval_s=1000, retry_max_s=1000, connectivity=connectivity, clock=clock,
+        sleep=sleep, jitter=lambda: 1.0, backoff_base_s=1.0,
+    )  # fmt: skip
+    stop = asyncio.Event()
+    task = asyncio.create_task(sync.run(stop))
+    try:
+        await until(lambda: spool.counts()["synced"] == 1, TIMEOUT, "the sync once back", task)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, TIMEOUT)
+    assert changes == [False, True]  # two failed passes took it offline; the probe, back
+    assert probe_waits == [1.0, 2.0]  # refused once, then connected
+    assert sleep.waits == [1.0, 2.0]  # two backoffs, then it waited for the probe, not the clock
+    assert connectivity.online and sync.status()["online"] is True
 
 
 def test_backoff_has_jitter_within_bounds(spool: Spool) -> None:
