@@ -10,6 +10,8 @@ audio of a voice-cache hit. Then, side by side in the same run:
 
 - a hung cloud (connections accepted, never answered) over 10 successive turns on
   the same engines, with the shipped hedge delays, against 10 local-only turns;
+- one speech service down (connections refused) and the other up, 6 turns each way,
+  OpenAI and ElevenLabs served by two fake clouds: which engine spoke each turn;
 - speculative against plain turns, local engines and a healthy cloud: the
   recordings of at most 5 s from a real-time microphone through the Listener, so
   the 700 ms hang-over is really waited; capture end -> first audio.
@@ -192,6 +194,7 @@ async def measure_turns(limit: int | None = None) -> dict:
         return built
 
     clip = read_audio(SPEECH / "v2j_what_time_is_it.wav")
+    one_down = await one_service_down(engines, spool, clip)
     hung = {
         "local only (baseline)": await successive_turns(engines(False), spool, clip, HUNG_TURNS)
     }
@@ -206,7 +209,41 @@ async def measure_turns(limit: int | None = None) -> dict:
         {"local": lambda: engines(False), "cloud": lambda: engines(True)}, spool, commands
     )
     cloud.stop()
-    return {"hung": hung, "speculation": speculation, "commands": len(commands)}
+    return {
+        "hung": hung,
+        "one_down": one_down,
+        "speculation": speculation,
+        "commands": len(commands),
+    }
+
+
+ONE_DOWN_TURNS = 6
+
+
+async def one_service_down(engines, spool, clip) -> dict[str, list[dict]]:
+    """OpenAI refusing connections while ElevenLabs answers, and the reverse: each speech
+    service on a fake cloud of its own, so that one can be unreachable alone."""
+    from turn_scenarios import successive_turns
+
+    from heimdall_edge.fakecloud import FakeCloud
+
+    names = ("OPENAI", "ELEVENLABS")
+    saved = {k: os.environ[k] for n in names for k in (f"HEIMDALL_{n}_BASE_URL", f"{n}_API_KEY")}
+    results: dict[str, list[dict]] = {}
+    for down in ("openai", "elevenlabs"):
+        with FakeCloud(transcript="what can you see", reply="A kitchen.") as oa, FakeCloud() as el:
+            for name, value in oa.env().items():
+                if "OPENAI" in name:
+                    os.environ[name] = value
+            for name, value in el.env().items():
+                if "ELEVENLABS" in name:
+                    os.environ[name] = value
+            (oa if down == "openai" else el).refuse_connections()
+            results[f"{down} down"] = await successive_turns(
+                engines(True), spool, clip, ONE_DOWN_TURNS
+            )
+    os.environ.update(saved)
+    return results
 
 
 def print_turns(measured: dict) -> None:
@@ -224,6 +261,16 @@ def print_turns(measured: dict) -> None:
         f"{statistics.median(local[3:]):.0f} ms local only: "
         f"{statistics.median(later) / statistics.median(local[3:]):.2f}x"
     )
+    print(f"\n### One speech service down, the other up ({ONE_DOWN_TURNS} turns each)\n")
+    print("| down | engines per turn (stt/reply/tts) | turns spoken by the service that is up |")
+    print("|---|---|---:|")
+    for name, runs in measured["one_down"].items():
+        up = "elevenlabs" if name.startswith("openai") else "openai"
+        stage = "tts" if up == "elevenlabs" else "stt"
+        used = sum(1 for t in runs if t["engines"].get(stage) == up)
+        print(
+            f"| {name} | {', '.join(_short(t['engines']) for t in runs)} | {used} of {len(runs)} |"
+        )
     spec = measured["speculation"]
     injected = sum(LATENCY_S.values()) * 1000
     print(
