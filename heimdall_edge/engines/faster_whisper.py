@@ -11,6 +11,7 @@ import numpy as np
 
 from heimdall_edge.audio import SAMPLE_RATE, Audio
 from heimdall_edge.engines.base import EngineError, Transcript
+from heimdall_edge.engines.hallucinations import screened
 from heimdall_edge.models import whisper_model_dir
 from heimdall_edge.settings import SpeechToTextSettings
 
@@ -53,6 +54,7 @@ class FasterWhisperEngine:
             ) from exc
 
     async def transcribe(self, audio: Audio) -> Transcript:
+        """What was said; "" when nothing was, or Whisper wrote only a stock phrase made up from noise."""
         if audio.sample_rate != SAMPLE_RATE:
             raise EngineError(
                 f"faster-whisper needs {SAMPLE_RATE} Hz audio, got {audio.sample_rate}"
@@ -60,7 +62,7 @@ class FasterWhisperEngine:
         await self.load()
         async with self._lock:
             text = await asyncio.to_thread(self._transcribe, audio)
-        return Transcript(text=text, engine=self.name)
+        return Transcript(text=screened(text, self.name), engine=self.name)
 
     def _transcribe(self, audio: Audio) -> str:
         assert self._model is not None
