@@ -2,7 +2,10 @@
 
 The capture is on disk before anything else happens. Each later stage may fail
 on its own; the person then hears a short message (or an earcon if even speech
-fails) and the journal gets the detail. Every stage is timed.
+fails) and the journal gets the detail. No speech in the capture (an empty
+transcript: silence, noise, or only a phrase Whisper makes up from them) is
+answered as a failed transcription is, "not understood", and the transcript
+recorded is "". Every stage is timed.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import TypeVar
 from heimdall_edge.audio import Audio, joined, wav_bytes
 from heimdall_edge.devices.base import Indicator, IndicatorState, Playback, Speaker
 from heimdall_edge.earcon import ERROR_EARCON
-from heimdall_edge.engines.base import Exchange, ReplyRequest
+from heimdall_edge.engines.base import Exchange, ReplyRequest, Transcript
 from heimdall_edge.engines.offline_reply import OFFLINE_ACK
 from heimdall_edge.listen.endpointer import Utterance
 from heimdall_edge.routing import Engines
@@ -160,18 +163,23 @@ class Interaction:
         engines = self._engines
         with watch.stage("transcribe"):
             try:
-                transcript = await engines.transcribe(utterance.audio)
+                transcript: Transcript | None = await engines.transcribe(utterance.audio)
             except Exception as exc:
                 log.exception("speech-to-text failed for capture %s", result.capture_id)
                 result.error = f"transcribe: {exc}"
-                await self._speak(result, _one(SAY_NOT_UNDERSTOOD), utterance, stop, watch)
-                return
-        result.transcript = transcript.text
-        result.engines["stt"] = transcript.engine
+                transcript = None
+        if transcript is not None:
+            result.transcript = transcript.text
+            result.engines["stt"] = transcript.engine
+            if not transcript.text:  # silence, noise, or only a phrase Whisper makes up from them
+                log.info("capture %s: no speech heard (%s)", result.capture_id, transcript.engine)
+        if not result.transcript:  # nothing to answer: said so, the capture kept
+            await self._speak(result, _one(SAY_NOT_UNDERSTOOD), utterance, stop, watch)
+            return
         with watch.stage("reply"):
             pending = await asyncio.to_thread(self._pending_count)
             request = ReplyRequest(
-                transcript=transcript.text,
+                transcript=result.transcript,
                 capture_id=result.capture_id or "",
                 image_jpeg=frames[-1] if frames else None,
                 status={"pending_captures": str(pending), "online": str(engines.online).lower()},

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from heimdall_edge.fakecloud import FakeCloud, Fault
+from heimdall_edge.interaction import SAY_NOT_UNDERSTOOD
 
 CLOUD_TEXT = "what time is it in the cloud"
 
@@ -87,3 +88,18 @@ def test_hung_cloud_costs_the_hedge_delay_not_the_deadline(
     result, _ = heimdall(cloud, "transcribe", str(speech_dir / "jfk.flac"), **env)
     assert result["engine"] == "faster-whisper"
     assert result["latency_ms"] < 10_000  # hedge (0.5 s) + local, nowhere near the 60 s deadline
+
+
+def test_thank_you_from_cloud_whisper_is_no_speech(speech_dir: Path) -> None:
+    """Cloud Whisper answers "Thank you." (what it writes for near-silence): the turn is not
+    understood, nothing is asked of the chat model, and the capture keeps "" as its transcript."""
+    with FakeCloud(transcript="Thank you.") as cloud:
+        demo, _ = heimdall(cloud, "demo", "--input", str(speech_dir / "v2j_what_time_is_it.wav"))
+        assert (demo["transcript"], demo["reply"]) == ("", None)
+        assert demo["engines"] == {"stt": "openai", "tts": "elevenlabs"}
+        assert cloud.count("transcriptions") == 1 and cloud.count("chat") == 0
+        assert cloud.last("tts").json["text"] == SAY_NOT_UNDERSTOOD  # what the person heard
+        shown, _ = heimdall(cloud, "captures", "show", demo["capture_id"])
+    assert (shown["transcript"], shown["reply"], shown["status"]) == ("", None, "complete")
+    assert {"audio.wav", "reply.wav"} <= set(shown["files"])
+    assert "thank" not in (Path(shown["path"]) / "capture.json").read_text().lower()
