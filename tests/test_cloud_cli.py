@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from shared import on_a_terminal
 
 from heimdall_edge.fakecloud import FakeCloud, Fault
 from heimdall_edge.interaction import SAY_NOT_UNDERSTOOD
@@ -103,3 +104,20 @@ def test_thank_you_from_cloud_whisper_is_no_speech(speech_dir: Path) -> None:
     assert (shown["transcript"], shown["reply"], shown["status"]) == ("", None, "complete")
     assert {"audio.wav", "reply.wav"} <= set(shown["files"])
     assert "thank" not in (Path(shown["path"]) / "capture.json").read_text().lower()
+
+
+def test_a_reply_with_escape_sequences_reaches_the_terminal_visible(speech_dir: Path) -> None:
+    """The cloud's reply (steered by what the camera saw) tries to clear the operator's screen
+    and retitle the window: `demo` and `captures show` print it with the escapes visible."""
+    hostile = "Done.\x1b[2J\x1b]0;pwned\x07 Bye."
+    with FakeCloud(transcript=CLOUD_TEXT, reply=hostile) as cloud:
+        cli = [sys.executable, "-m", "heimdall_edge.cli"]
+        said = str(speech_dir / "v2j_what_time_is_it.wav")
+        code, demo, stderr = on_a_terminal([*cli, "demo", "--input", said], env=cloud.env())
+        assert code == 0, stderr
+        capture_id = re.search(rb"capture: (\S+)", demo)[1].decode()
+        code, shown, stderr = on_a_terminal([*cli, "captures", "show", capture_id], env=cloud.env())
+        assert code == 0, stderr
+    for received in (demo, shown):
+        assert b"\x1b" not in received and b"\x07" not in received, received
+        assert rb"Done.\x1b[2J\x1b]0;pwned\x07 Bye." in received, received
