@@ -4,8 +4,8 @@ The capture is on disk before anything else happens. Each later stage may fail
 on its own; the person then hears a short message (or an earcon if even speech
 fails) and the journal gets the detail. No speech in the capture (an empty
 transcript: silence, noise, or only a phrase Whisper makes up from them) is
-answered as a failed transcription is, "not understood", and the transcript
-recorded is "". Every stage is timed.
+answered as a failed transcription is: the person hears "not understood" (the
+recorded reply), and the transcript recorded is "". Every stage is timed.
 """
 
 from __future__ import annotations
@@ -173,8 +173,9 @@ class Interaction:
             result.engines["stt"] = transcript.engine
             if not transcript.text:  # silence, noise, or only a phrase Whisper makes up from them
                 log.info("capture %s: no speech heard (%s)", result.capture_id, transcript.engine)
-        if not result.transcript:  # nothing to answer: said so, the capture kept
-            await self._speak(result, _one(SAY_NOT_UNDERSTOOD), utterance, stop, watch)
+        if not result.transcript:  # nothing to answer: say so (the capture is kept)
+            spoken = await self._speak(result, _one(SAY_NOT_UNDERSTOOD), utterance, stop, watch)
+            result.reply = " ".join(spoken)
             return
         with watch.stage("reply"):
             pending = await asyncio.to_thread(self._pending_count)

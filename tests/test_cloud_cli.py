@@ -96,12 +96,16 @@ def test_thank_you_from_cloud_whisper_is_no_speech(speech_dir: Path) -> None:
     understood, nothing is asked of the chat model, and the capture keeps "" as its transcript."""
     with FakeCloud(transcript="Thank you.") as cloud:
         demo, _ = heimdall(cloud, "demo", "--input", str(speech_dir / "v2j_what_time_is_it.wav"))
-        assert (demo["transcript"], demo["reply"]) == ("", None)
+        assert (demo["transcript"], demo["reply"]) == ("", SAY_NOT_UNDERSTOOD)
         assert demo["engines"] == {"stt": "openai", "tts": "elevenlabs"}
         assert cloud.count("transcriptions") == 1 and cloud.count("chat") == 0
         assert cloud.last("tts").json["text"] == SAY_NOT_UNDERSTOOD  # what the person heard
         shown, _ = heimdall(cloud, "captures", "show", demo["capture_id"])
-    assert (shown["transcript"], shown["reply"], shown["status"]) == ("", None, "complete")
+    assert (shown["transcript"], shown["reply"], shown["status"]) == (
+        "",
+        SAY_NOT_UNDERSTOOD,
+        "complete",
+    )
     assert {"audio.wav", "reply.wav"} <= set(shown["files"])
     assert "thank" not in (Path(shown["path"]) / "capture.json").read_text().lower()
 

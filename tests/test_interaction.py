@@ -106,6 +106,7 @@ async def test_transcription_failure_keeps_the_capture_and_says_so(
     )
     record = spool.get(result.capture_id)
     assert record.status == "failed" and "model exploded" in record.error
+    assert (record.transcript, record.reply) == (None, SAY_NOT_UNDERSTOOD)
     assert {"audio.wav", "frame-00.jpg", "reply.wav"} <= set(record.files)
     heard = await whisper.transcribe(read_audio(tmp_path / "out.wav"))  # what the person heard
     assert "couldn't make that out" in heard.text.lower().replace("could not", "couldn't")
@@ -125,7 +126,7 @@ async def test_no_speech_is_not_understood_and_never_answered(
     )
     result = await asyncio.wait_for(turn.run(utterance(speech_dir), [], asyncio.Event()), 60)
     record = spool.get(result.capture_id)
-    assert (record.transcript, record.reply, record.error) == ("", None, None)
+    assert (record.transcript, record.reply, record.error) == ("", SAY_NOT_UNDERSTOOD, None)
     assert record.status == "complete" and record.engines == {"stt": "fixed", "tts": "piper"}
     assert {"audio.wav", "reply.wav"} <= set(record.files)
     heard = await whisper.transcribe(read_audio(tmp_path / "out.wav"))
