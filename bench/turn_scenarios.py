@@ -18,7 +18,7 @@ from typing import Any
 from heimdall_edge.audio import Audio, read_audio, silence
 from heimdall_edge.devices.microphone import FileMicrophone
 from heimdall_edge.devices.speaker import WavFileSpeaker
-from heimdall_edge.interaction import Interaction
+from heimdall_edge.interaction import Interaction, answerable
 from heimdall_edge.listen.endpointer import EndReason, Utterance
 from heimdall_edge.listen.listener import build_listener
 from heimdall_edge.routing import Engines
@@ -70,7 +70,7 @@ async def listened_turn(engines: Engines, spool: Spool, clip: Audio, speculate: 
     listener = build_listener(mic, None, settings)
     turn = interaction(engines, spool)
     speculation = Speculation(
-        engines, lambda transcript: turn.request_for(transcript, [], ()), lambda _t: True
+        engines, lambda transcript: turn.request_for(transcript, [], ()), answerable
     )
     utterance = await listener.next_utterance(pauses=speculation)
     assert utterance is not None and utterance.has_speech

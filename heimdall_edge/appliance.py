@@ -30,7 +30,7 @@ from heimdall_edge.devices.base import (
 )
 from heimdall_edge.devices.camera import frames_while
 from heimdall_edge.durable import replace_file
-from heimdall_edge.interaction import FIXED_PHRASES, Interaction, TurnResult
+from heimdall_edge.interaction import FIXED_PHRASES, Interaction, TurnResult, answerable
 from heimdall_edge.listen.listener import build_listener
 from heimdall_edge.listen.playback import ListeningSpeaker
 from heimdall_edge.preferred_voice import PreferredVoice
@@ -286,7 +286,7 @@ class Appliance:
         speculation = Speculation(
             self.engines,
             lambda transcript: self.interaction.request_for(transcript, frames_so_far, history),
-            lambda _transcript: True,
+            answerable,
         )
 
         def capture_started() -> None:

@@ -1,7 +1,8 @@
 """The `heimdall-edge` command: run, demo, transcribe, say, captures, doctor.
 
 `--json` output is a stable contract: one JSON object (or list) on stdout,
-logs on stderr.
+logs on stderr. Everything printed goes through `visible`: text from the cloud
+or a capture record never reaches the terminal as escape sequences.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from heimdall_edge.engines.base import EngineError
 from heimdall_edge.settings import Settings, SettingsError, load_settings
 from heimdall_edge.spool import CaptureRecord, SpoolError
 from heimdall_edge.sync import Syncer, SyncProgress, SyncReport
+from heimdall_edge.visible import VisibleFormatter, visible, visible_json
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 captures_app = typer.Typer(help="List captures kept on the device, or show one.")
@@ -79,17 +81,33 @@ def main(
 def _settings() -> Settings:
     settings = load_settings(State.config)
     level = logging.DEBUG if State.verbose else getattr(logging, settings.log_level)
-    logging.basicConfig(
-        level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(VisibleFormatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
     # Third-party chatter stays quiet unless asked for.
     for noisy in ("faster_whisper", "piper", "gpiozero", "botocore", "urllib3"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
     return settings
 
 
+def _echo(text: str, *, err: bool = False, multiline: bool = False) -> None:
+    """Print as `visible` shows it: what came from the cloud or a record cannot drive the terminal."""
+    typer.echo(visible(text, multiline=multiline), err=err)
+
+
+def _quoted(text: str | None) -> str:
+    """A transcript or reply in a one-line listing: quoted as repr() would (but not escaped:
+    `_echo` does that), "-" for none, "(no speech)" for ""."""
+    if text is None:
+        return "-"
+    if not text:
+        return "(no speech)"
+    quote = '"' if "'" in text and '"' not in text else "'"
+    return f"{quote}{text}{quote}"
+
+
 def _fail(exc: BaseException) -> NoReturn:
-    typer.echo(f"heimdall-edge: {exc}", err=True)
+    _echo(f"heimdall-edge: {exc}", err=True, multiline=True)
     raise typer.Exit(2)
 
 
@@ -101,7 +119,7 @@ def _run(coro: Any) -> Any:
 
 
 def _emit(payload: Any) -> None:
-    typer.echo(json.dumps(payload, ensure_ascii=False, indent=None))
+    typer.echo(visible_json(json.dumps(payload, ensure_ascii=False, indent=None)))
 
 
 def default_demo_input() -> Path:
@@ -224,16 +242,16 @@ def demo(
         return
     timings = result.timings_ms
     if wake_phrase:
-        typer.echo(f"woke on: {wake_phrase!r}")
-    typer.echo(
-        f"heard:   {result.transcript!r}  ({result.engines.get('stt')}, {timings.get('transcribe', 0):.0f} ms)"
+        _echo(f"woke on: {_quoted(wake_phrase)}")
+    _echo(
+        f"heard:   {_quoted(result.transcript)}  ({result.engines.get('stt')}, {timings.get('transcribe', 0):.0f} ms)"
     )
-    typer.echo(f"reply:   {result.reply!r}  ({result.engines.get('reply')})")
-    typer.echo(
+    _echo(f"reply:   {_quoted(result.reply)}  ({result.engines.get('reply', '-')})")
+    _echo(
         f"spoke:   {result.engines.get('tts')}, first audio {timings.get('end_to_first_audio', 0):.0f} ms "
         "after the end of the utterance"
     )
-    typer.echo(f"capture: {result.capture_id} in {settings.spool_dir} (pending sync)")
+    _echo(f"capture: {result.capture_id} in {settings.spool_dir} (pending sync)")
 
 
 def _demo_wake_phrase(settings: Settings, trigger: str | None) -> str | None:
@@ -319,7 +337,7 @@ def transcribe(
     if json_out:
         _emit({"text": text, "engine": name, "latency_ms": round(latency_ms, 1)})
     else:
-        typer.echo(text)
+        _echo(text)
 
 
 @app.command()
@@ -341,7 +359,7 @@ def say(
     if json_out:
         _emit(payload)
     elif output is not None:
-        typer.echo(f"wrote {payload['audio_seconds']:.2f} s of speech to {output}")
+        _echo(f"wrote {payload['audio_seconds']:.2f} s of speech to {output}")
 
 
 async def _say(settings: Settings, text: str, output: Path | None) -> dict[str, Any]:
@@ -391,7 +409,7 @@ def sync(
     if json_out:
         _emit(report.to_dict())
     else:
-        typer.echo(report.summary())
+        _echo(report.summary())
     raise typer.Exit(0 if report.ok else 1)
 
 
@@ -435,10 +453,10 @@ def captures(
     if json_out:
         _emit([_summary(r) for r in records])
         return
-    typer.echo(", ".join(f"{n} {state}" for state, n in sorted(counts.items())) or "no captures")
+    _echo(", ".join(f"{n} {state}" for state, n in sorted(counts.items())) or "no captures")
     for record in records:
-        typer.echo(
-            f"{record.capture_id}  {record.sync_state:8} {record.status:9} {record.transcript or '-'!r}"
+        _echo(
+            f"{record.capture_id}  {record.sync_state:8} {record.status:9} {_quoted(record.transcript)}"
         )
 
 
@@ -455,7 +473,7 @@ def captures_show(capture_id: str, json_out: JsonOption = False) -> None:
         _emit(payload)
     else:
         for key, value in payload.items():
-            typer.echo(f"{key:12} {value}")
+            _echo(f"{key:12} {value}")
 
 
 def _summary(record: CaptureRecord) -> dict[str, Any]:
@@ -472,11 +490,11 @@ def doctor() -> None:
     try:
         settings = _settings()
     except SettingsError as exc:
-        typer.echo(f"FAIL settings: {exc}")
+        _echo(f"FAIL settings: {exc}", multiline=True)
         raise typer.Exit(1) from None
     worst = Level.OK
     for check in run_checks(settings, State.config):
-        typer.echo(check.line())
+        _echo(check.line())
         worst = max(worst, check.level)
     raise typer.Exit(1 if worst is Level.FAIL else 0)
 

@@ -2,7 +2,10 @@
 
 The capture is on disk before anything else happens. Each later stage may fail
 on its own; the person then hears a short message (or an earcon if even speech
-fails) and the journal gets the detail. Every stage is timed.
+fails) and the journal gets the detail. No speech in the capture (an empty
+transcript: silence, noise, or only a phrase Whisper makes up from them) is
+answered as a failed transcription is: the person hears "not understood" (the
+recorded reply), and the transcript recorded is "". Every stage is timed.
 """
 
 from __future__ import annotations
@@ -65,6 +68,12 @@ class TurnResult:
         if self.error:
             payload["error"] = self.error
         return payload
+
+
+def answerable(transcript: Transcript) -> bool:
+    """Whether there is anything to answer: Whisper heard words (its stock phrases on
+    silence or noise are screened to "" by the engines, engines/hallucinations.py)."""
+    return bool(transcript.text.strip())
 
 
 class Stopwatch:
@@ -198,7 +207,7 @@ class Interaction:
         head: Head | None,
     ) -> None:
         if head is not None:
-            transcript = head.transcript
+            transcript: Transcript | None = head.transcript
         else:
             with watch.stage("transcribe"):
                 try:
@@ -206,10 +215,16 @@ class Interaction:
                 except Exception as exc:
                     log.exception("speech-to-text failed for capture %s", result.capture_id)
                     result.error = f"transcribe: {exc}"
-                    await self._speak(result, _one(SAY_NOT_UNDERSTOOD), utterance, stop, watch)
-                    return
-        result.transcript = transcript.text
-        result.engines["stt"] = transcript.engine
+                    transcript = None
+        if transcript is not None:
+            result.transcript = transcript.text
+            result.engines["stt"] = transcript.engine
+        if transcript is None or not answerable(transcript):  # nothing to answer: say so
+            if transcript is not None:
+                log.info("capture %s: no speech heard (%s)", result.capture_id, transcript.engine)
+            spoken = await self._speak(result, _one(SAY_NOT_UNDERSTOOD), utterance, stop, watch)
+            result.reply = " ".join(spoken)
+            return
         answer = head.reply if head is not None else None
         if answer is None:
             with watch.stage("reply"):

@@ -10,11 +10,13 @@ Environment overrides use `HEIMDALL_<SECTION>__<KEY>` (for example
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import os
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -359,9 +361,9 @@ class Settings(BaseSettings):
     device_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")] | None = None
     """Name of this device in capture records (HEIMDALL_DEVICE_ID). Unset: derived from /etc/machine-id."""
     openai_base_url: Annotated[str, Field(pattern=r"^https?://")] | None = None
-    """OpenAI-compatible API base URL (HEIMDALL_OPENAI_BASE_URL). Unset: https://api.openai.com/v1."""
+    """OpenAI-compatible API base URL (HEIMDALL_OPENAI_BASE_URL). Unset: https://api.openai.com/v1. With a key set, http:// only to loopback (a local test server)."""
     elevenlabs_base_url: Annotated[str, Field(pattern=r"^https?://")] | None = None
-    """ElevenLabs-compatible API base URL (HEIMDALL_ELEVENLABS_BASE_URL). Unset: https://api.elevenlabs.io."""
+    """ElevenLabs-compatible API base URL (HEIMDALL_ELEVENLABS_BASE_URL). Unset: https://api.elevenlabs.io. With a key set, http:// only to loopback (a local test server)."""
     s3_bucket: str | None = None
     """Bucket captures are synced to (HEIMDALL_S3_BUCKET). Unset: sync is off and captures stay on the device."""
     s3_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9!_.*'()/-]*$")] = "captures"
@@ -369,9 +371,9 @@ class Settings(BaseSettings):
     dynamodb_table: str | None = None
     """DynamoDB table indexing the captures (HEIMDALL_DYNAMODB_TABLE). Unset: no index."""
     s3_endpoint_url: Annotated[str, Field(pattern=r"^https?://")] | None = None
-    """S3-compatible endpoint (HEIMDALL_S3_ENDPOINT_URL), e.g. MinIO. Unset: AWS."""
+    """S3-compatible endpoint (HEIMDALL_S3_ENDPOINT_URL), e.g. MinIO. Unset: AWS. https://, or http:// only to loopback (a local test server)."""
     dynamodb_endpoint_url: Annotated[str, Field(pattern=r"^https?://")] | None = None
-    """DynamoDB-compatible endpoint (HEIMDALL_DYNAMODB_ENDPOINT_URL). Unset: AWS."""
+    """DynamoDB-compatible endpoint (HEIMDALL_DYNAMODB_ENDPOINT_URL). Unset: AWS. https://, or http:// only to loopback (a local test server)."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Journal verbosity; DEBUG adds per-frame and per-request detail."""
     stop_grace_s: Annotated[float, Field(gt=0, le=60)] = 15.0
@@ -418,6 +420,31 @@ class Settings(BaseSettings):
             object.__setattr__(self, "device_id", thing or machine_device_id())
         return self
 
+    @model_validator(mode="after")
+    def _secrets_only_over_tls(self) -> Settings:
+        """API keys, and the captures with their AWS session token, never travel unencrypted.
+
+        A plain http:// URL is refused where they would go, except to loopback (the fake
+        cloud, moto): the S3 and DynamoDB endpoints always, a base URL when its key is set.
+        """
+        keys = self.secrets
+        sent = {  # setting: (what would travel through it, whether it would)
+            "openai_base_url": ("OPENAI_API_KEY", keys.openai_api_key is not None),
+            "elevenlabs_base_url": ("ELEVENLABS_API_KEY", keys.elevenlabs_api_key is not None),
+            "s3_endpoint_url": ("the captures and any AWS session token", True),
+            "dynamodb_endpoint_url": ("the capture index and any AWS session token", True),
+        }
+        problems = [
+            f"{name} = {url!r} (set in the file or {ENV_PREFIX}{name.upper()}) would send "
+            f"{what} unencrypted: use https://, or a loopback address (localhost, 127.0.0.1, "
+            "::1) for a local test server"
+            for name, (what, travels) in sent.items()
+            if travels and (url := getattr(self, name)) is not None and in_clear(url)
+        ]
+        if problems:
+            raise ValueError("\n  ".join(problems))
+        return self
+
     @property
     def spool_dir(self) -> Path:
         return self.state_dir / "spool"
@@ -426,6 +453,23 @@ class Settings(BaseSettings):
     def models(self) -> Path:
         assert self.models_dir is not None  # filled by _fill_derived
         return self.models_dir
+
+
+def in_clear(url: str) -> bool:
+    """Whether a request to `url` leaves the device unencrypted: http:// to a host not on loopback
+    (localhost, 127.0.0.0/8, ::1)."""
+    if not url.lower().startswith("http://"):
+        return False
+    try:
+        host = urlsplit(url).hostname
+    except ValueError:  # e.g. an unclosed "[" of an IPv6 address: no host to trust
+        return True
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host or "").is_loopback
+    except ValueError:  # a name other than localhost, or no host at all
+        return True
 
 
 def machine_device_id(machine_id_file: Path = Path("/etc/machine-id")) -> str:
@@ -510,6 +554,9 @@ def describe_errors(exc: ValidationError, path: Path) -> str:
         env_name = ENV_PREFIX + "__".join(str(p) for p in error["loc"]).upper()
         if error["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key; check its spelling against config.example.toml")
+            continue
+        if not error["loc"]:  # about several keys at once: the message names them
+            lines.append("  " + error["msg"].removeprefix("Value error, "))
             continue
         lines.append(
             f"  {key} = {error['input']!r}: {error['msg']} (set in the file or {env_name})"

@@ -4,7 +4,9 @@ tiny.en on the device keeps a turn going offline, but its transcript is second-r
 Once cloud Whisper can be reached again, each such capture is sent to it, one at a
 time and only while no turn is in progress. The record keeps both: the cloud's as
 `transcript` (engines["stt"]), the device's as `transcript_on_device`
-(engines["stt_on_device"]). That is a new revision, so S3 and DynamoDB follow.
+(engines["stt_on_device"]). That is a new revision, so S3 and DynamoDB follow. Where
+cloud Whisper hears no speech (it wrote only a stock phrase such as "Thank you.", see
+engines.hallucinations), its transcript is "", the device's kept beside it.
 
 It never delays a live turn: it starts only when the appliance is idle and the cloud
 is thought reachable, sends one request at a time, and leaves most of the service's

@@ -7,9 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from heimdall_edge import builders
 from heimdall_edge.audio import Audio, read_audio
 from heimdall_edge.backfill import CUT_SHORT, Backfill, cut_short
 from heimdall_edge.engines.base import Transcript
+from heimdall_edge.fakecloud import FakeCloud
+from heimdall_edge.settings import load_settings
 from heimdall_edge.spool import Spool
 
 LEFT_BY_A_DEAD_PROCESS = """
@@ -66,3 +71,23 @@ async def test_it_waits_for_the_live_turn_then_transcribes_and_records(
         assert (record.revision, record.sync_state) == (2, "pending")
         assert spool.get(live.capture_id).transcript is None
         assert cut_short(spool) == []  # once only
+
+
+async def test_a_stock_phrase_from_cloud_whisper_is_recorded_as_no_speech(
+    tmp_path: Path, speech_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engines as the service builds them, cloud Whisper (the fake) writing "Thank you.":
+    the capture is recorded as transcribed, with no speech in it, and not transcribed again."""
+    root = tmp_path / "spool"
+    dead = left_by_a_dead_process(root, speech_dir / "sr_english.wav")
+    with FakeCloud(transcript="Thank you.") as cloud, Spool(root) as spool:
+        for name, value in cloud.env().items():
+            monkeypatch.setenv(name, value)
+        engines = builders.build_engines(load_settings(), voice_cache=False)
+        backfill = Backfill(spool, engines.transcribe, idle=lambda: True)
+        await asyncio.wait_for(backfill.run(asyncio.Event()), 30)
+        assert cloud.count("transcriptions") == 1
+        record = spool.get(dead)
+        assert (record.transcript, record.engines["stt"]) == ("", "openai")
+        assert (record.status, record.error) == ("failed", CUT_SHORT)
+        assert cut_short(spool) == []

@@ -13,7 +13,11 @@ from pathlib import Path
 
 import jiwer
 import pytest
-from shared import words
+from shared import on_a_terminal, words
+
+from heimdall_edge import builders
+from heimdall_edge.audio import Audio
+from heimdall_edge.settings import load_settings
 
 TIME_REPLY = re.compile(r"^It's \d{1,2}:\d\d [AP]M\.$")
 
@@ -203,3 +207,82 @@ def test_doctor_shows_each_service_on_its_own(reachable: dict, expected: str) ->
     lines = heimdall("doctor").stdout.splitlines()
     shown = [re.sub(r"\d+ s ago", "N s ago", line) for line in lines if "cloud state" in line]
     assert shown == [expected]
+
+
+# --- text from the cloud or a record never drives the operator's terminal ---------------------
+
+HOSTILE = "\x1b[2J\x1b]0;pwned\x07"
+"""Clear the screen, retitle the window: what a reply steered by the camera could say."""
+ACTIVE = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
+"""What a terminal acts on (a newline between lines aside), raw."""
+
+
+def hostile_capture() -> dict[str, str]:
+    """A capture as a turn with a hostile cloud would record it; returns the fields set."""
+    fields = {
+        "transcript": "what do you see\x1b[31m\nnext line\ttab",
+        "reply": f"A cat.{HOSTILE} \u202eevil\u202c \x9b31m \u2713 caf\u00e9 \u4f60\u597d",
+        "error": "reply: cloud said \x1b[5mblink\x07",
+    }
+    with builders.open_spool(load_settings()) as spool:
+        record = spool.create(
+            device_id="pi-test",
+            trigger="button",
+            frames=[],
+            audio_wav=Audio(bytes(320), 16000).to_wav(),
+        )
+        spool.update(
+            record.capture_id, engines={"stt": "openai\x1b[8m", "reply": "openai"}, status="failed", **fields
+        )  # fmt: skip
+    return {"capture_id": record.capture_id, **fields}
+
+
+def shown_on_a_terminal(*args: str) -> str:
+    code, received, stderr = on_a_terminal([sys.executable, "-m", "heimdall_edge.cli", *args])
+    assert code == 0, stderr
+    text = received.decode()
+    assert not ACTIVE.search(text), f"raw control characters reached the terminal: {text!r}"
+    return text
+
+
+def test_captures_show_makes_escape_sequences_visible_and_keeps_unicode() -> None:
+    capture = hostile_capture()
+    lines = shown_on_a_terminal("captures", "show", capture["capture_id"]).splitlines()
+    fields = {line.split(maxsplit=1)[0]: line.split(maxsplit=1)[1] for line in lines}
+    assert fields["transcript"] == "what do you see\\x1b[31m\\nnext line\\ttab"  # one line
+    assert (
+        fields["reply"]
+        == "A cat.\\x1b[2J\\x1b]0;pwned\\x07 \\u202eevil\\u202c \\x9b31m \u2713 caf\u00e9 \u4f60\u597d"
+    )
+    assert fields["error"] == "reply: cloud said \\x1b[5mblink\\x07"
+    assert "'stt': 'openai\\x1b[8m'" in fields["engines"]
+
+
+def test_captures_list_shows_each_capture_on_one_line() -> None:
+    capture = hostile_capture()
+    lines = shown_on_a_terminal("captures").splitlines()
+    assert lines[0] == "0 failed, 1 pending, 0 synced"
+    assert lines[1].startswith(capture["capture_id"]) and len(lines) == 2
+    assert lines[1].endswith("'what do you see\\x1b[31m\\nnext line\\ttab'")
+
+
+def test_json_output_stays_valid_and_exact_with_no_raw_control_characters() -> None:
+    capture = hostile_capture()
+    for args in (["captures", "--json"], ["captures", "show", capture["capture_id"], "--json"]):
+        done = heimdall(*args)
+        assert done.returncode == 0, done.stderr
+        assert not ACTIVE.search(done.stdout), done.stdout
+        shown = json.loads(done.stdout)
+        shown = shown[0] if isinstance(shown, list) else shown
+        assert (shown["transcript"], shown["reply"]) == (capture["transcript"], capture["reply"])
+
+
+def test_log_lines_make_escape_sequences_visible() -> None:
+    """A folder in the spool whose name is an escape sequence: `captures` logs that it is set aside."""
+    with builders.open_spool(load_settings()) as spool:
+        stray = spool.root / "captures" / HOSTILE
+    stray.mkdir()
+    done = heimdall("captures")
+    assert done.returncode == 0, done.stderr
+    assert "quarantined capture \\x1b[2J\\x1b]0;pwned\\x07:" in done.stderr
+    assert not ACTIVE.search(done.stderr.replace("\n", " ")), done.stderr

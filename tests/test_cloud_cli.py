@@ -12,8 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from shared import on_a_terminal
 
 from heimdall_edge.fakecloud import FakeCloud, Fault
+from heimdall_edge.interaction import SAY_NOT_UNDERSTOOD
 
 CLOUD_TEXT = "what time is it in the cloud"
 
@@ -87,3 +89,39 @@ def test_hung_cloud_costs_the_hedge_delay_not_the_deadline(
     result, _ = heimdall(cloud, "transcribe", str(speech_dir / "jfk.flac"), **env)
     assert result["engine"] == "faster-whisper"
     assert result["latency_ms"] < 10_000  # hedge (0.5 s) + local, nowhere near the 60 s deadline
+
+
+def test_thank_you_from_cloud_whisper_is_no_speech(speech_dir: Path) -> None:
+    """Cloud Whisper answers "Thank you." (what it writes for near-silence): the turn is not
+    understood, nothing is asked of the chat model, and the capture keeps "" as its transcript."""
+    with FakeCloud(transcript="Thank you.") as cloud:
+        demo, _ = heimdall(cloud, "demo", "--input", str(speech_dir / "v2j_what_time_is_it.wav"))
+        assert (demo["transcript"], demo["reply"]) == ("", SAY_NOT_UNDERSTOOD)
+        assert demo["engines"] == {"stt": "openai", "tts": "elevenlabs"}
+        assert cloud.count("transcriptions") == 1 and cloud.count("chat") == 0
+        assert cloud.last("tts").json["text"] == SAY_NOT_UNDERSTOOD  # what the person heard
+        shown, _ = heimdall(cloud, "captures", "show", demo["capture_id"])
+    assert (shown["transcript"], shown["reply"], shown["status"]) == (
+        "",
+        SAY_NOT_UNDERSTOOD,
+        "complete",
+    )
+    assert {"audio.wav", "reply.wav"} <= set(shown["files"])
+    assert "thank" not in (Path(shown["path"]) / "capture.json").read_text().lower()
+
+
+def test_a_reply_with_escape_sequences_reaches_the_terminal_visible(speech_dir: Path) -> None:
+    """The cloud's reply (steered by what the camera saw) tries to clear the operator's screen
+    and retitle the window: `demo` and `captures show` print it with the escapes visible."""
+    hostile = "Done.\x1b[2J\x1b]0;pwned\x07 Bye."
+    with FakeCloud(transcript=CLOUD_TEXT, reply=hostile) as cloud:
+        cli = [sys.executable, "-m", "heimdall_edge.cli"]
+        said = str(speech_dir / "v2j_what_time_is_it.wav")
+        code, demo, stderr = on_a_terminal([*cli, "demo", "--input", said], env=cloud.env())
+        assert code == 0, stderr
+        capture_id = re.search(rb"capture: (\S+)", demo)[1].decode()
+        code, shown, stderr = on_a_terminal([*cli, "captures", "show", capture_id], env=cloud.env())
+        assert code == 0, stderr
+    for received in (demo, shown):
+        assert b"\x1b" not in received and b"\x07" not in received, received
+        assert rb"Done.\x1b[2J\x1b]0;pwned\x07 Bye." in received, received

@@ -361,6 +361,18 @@ CHECKED_ON_DISK: dict[tuple[str | None, str], st.SearchStrategy[Any]] = {
     ("sync", "region"): st.sampled_from(
         ["eu-west-1", "us-gov-west-1", "cn-north-1", "il-central-1"]
     ),
+    # Any http(s) URL matches the pattern, but the captures go over plain http only to loopback.
+    **{
+        (None, name): st.one_of(
+            st.text("abcdefghijklmnopqrstuvwxyz0123456789./:-", max_size=20).map(
+                "https://".__add__
+            ),
+            st.sampled_from(
+                ["http://127.0.0.1:5000", "http://localhost:4566", "http://[::1]:9000"]
+            ),
+        )
+        for name in ("s3_endpoint_url", "dynamodb_endpoint_url")
+    },
 }
 
 

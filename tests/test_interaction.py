@@ -106,11 +106,33 @@ async def test_transcription_failure_keeps_the_capture_and_says_so(
     )
     record = spool.get(result.capture_id)
     assert record.status == "failed" and "model exploded" in record.error
+    assert (record.transcript, record.reply) == (None, SAY_NOT_UNDERSTOOD)
     assert {"audio.wav", "frame-00.jpg", "reply.wav"} <= set(record.files)
     heard = await whisper.transcribe(read_audio(tmp_path / "out.wav"))  # what the person heard
     assert "couldn't make that out" in heard.text.lower().replace("could not", "couldn't")
     assert indicator.states[-1] is IndicatorState.ERROR
     assert SAY_NOT_UNDERSTOOD.startswith("Sorry")
+
+
+async def test_no_speech_is_not_understood_and_never_answered(
+    spool: Spool, piper: PiperEngine, whisper, speech_dir: Path, tmp_path: Path
+) -> None:
+    """An empty transcript (silence, noise, or a stock phrase Whisper made up from them) is
+    heard as "not understood", like a failed transcription; the reply engine is never asked."""
+    speaker = WavFileSpeaker(tmp_path / "out.wav")
+    indicator = RecordingIndicator()
+    turn = interaction(
+        spool, Engines(stt=FixedTranscript(""), reply=Broken(), tts=piper), speaker, indicator
+    )
+    result = await asyncio.wait_for(turn.run(utterance(speech_dir), [], asyncio.Event()), 60)
+    record = spool.get(result.capture_id)
+    assert (record.transcript, record.reply, record.error) == ("", SAY_NOT_UNDERSTOOD, None)
+    assert record.status == "complete" and record.engines == {"stt": "fixed", "tts": "piper"}
+    assert {"audio.wav", "reply.wav"} <= set(record.files)
+    heard = await whisper.transcribe(read_audio(tmp_path / "out.wav"))
+    assert "couldn't make that out" in heard.text.lower().replace("could not", "couldn't")
+    assert indicator.states[-1] is IndicatorState.IDLE
+    assert "reply" not in result.timings_ms
 
 
 async def test_speech_failure_falls_back_to_an_earcon(

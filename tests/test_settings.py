@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tomllib
@@ -142,3 +143,90 @@ def test_example_config_is_generated_from_the_settings_and_valid() -> None:
     data = tomllib.loads(generated)
     defaults = Settings().model_dump(exclude={"secrets"})
     assert Settings(**data).model_dump(exclude={"secrets"}) == defaults
+
+
+REMOTE_HTTP = "http://api.example.com/v1"
+FIX = "use https://, or a loopback address (localhost, 127.0.0.1, ::1) for a local test server"
+
+
+@pytest.mark.parametrize(
+    ("setting", "key"),
+    [("openai_base_url", "OPENAI_API_KEY"), ("elevenlabs_base_url", "ELEVENLABS_API_KEY")],
+)
+def test_an_api_key_never_goes_over_plain_http_to_another_host(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, setting: str, key: str
+) -> None:
+    env = f"HEIMDALL_{setting.upper()}"
+    monkeypatch.setenv(env, REMOTE_HTTP)
+    assert getattr(load_settings(write(tmp_path, "")), setting) == REMOTE_HTTP  # no key: no harm
+    monkeypatch.setenv(key, "sk-canary-789")
+    with pytest.raises(SettingsError) as caught:
+        load_settings(write(tmp_path, ""))
+    message = str(caught.value)
+    assert f"{setting} = {REMOTE_HTTP!r} (set in the file or {env}) would send {key}" in message
+    assert FIX in message and "canary" not in message
+    for allowed in (
+        "https://api.example.com/v1",
+        "http://127.0.0.1:8787/v1",
+        "http://127.9.9.9:8787",
+        "http://localhost:8787",
+        "http://[::1]:8787/v1",
+    ):
+        monkeypatch.setenv(env, allowed)
+        assert getattr(load_settings(write(tmp_path, "")), setting) == allowed
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://minio.lan:9000",
+        "http://192.168.1.20:9000",
+        "http://0.0.0.0:9000",
+        "http://localhost.example.com",
+        "http://[::ffff:10.0.0.1]:9000",
+        "http://[::1",
+    ],
+)
+def test_the_capture_store_never_goes_over_plain_http_to_another_host(
+    tmp_path: Path, url: str
+) -> None:
+    """AWS signs requests, but the session token and the captures themselves would travel as sent."""
+    for setting in ("s3_endpoint_url", "dynamodb_endpoint_url"):
+        with pytest.raises(SettingsError) as caught:
+            load_settings(write(tmp_path, f'{setting} = "{url}"\n'))
+        assert f"{setting} = {url!r} (set in the file or HEIMDALL_{setting.upper()})" in str(
+            caught.value
+        )
+        assert FIX in str(caught.value)
+    local = (
+        's3_endpoint_url = "http://127.0.0.1:5000"\ndynamodb_endpoint_url = "http://[::1]:5000"\n'
+    )
+    assert load_settings(write(tmp_path, local)).s3_endpoint_url == "http://127.0.0.1:5000"
+
+
+def test_every_url_in_clear_text_is_named_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-x")
+    text = f'openai_base_url = "{REMOTE_HTTP}"\ns3_endpoint_url = "http://minio.lan:9000"\n'
+    with pytest.raises(SettingsError) as caught:
+        load_settings(write(tmp_path, text))
+    lines = str(caught.value).splitlines()
+    assert lines[0].startswith("invalid settings (")
+    assert [line.split(" = ")[0] for line in lines[1:]] == [
+        "  openai_base_url",
+        "  s3_endpoint_url",
+    ]
+
+
+def test_doctor_shows_the_clear_text_url_as_a_failure(tmp_path: Path) -> None:
+    config = write(tmp_path, f'elevenlabs_base_url = "{REMOTE_HTTP}"\n')
+    doctor = subprocess.run(
+        [sys.executable, "-m", "heimdall_edge.cli", "--config", str(config), "doctor"],
+        capture_output=True, text=True, timeout=120, check=False,
+        env={**os.environ, "ELEVENLABS_API_KEY": "el-canary-321"},
+    )  # fmt: skip
+    assert doctor.returncode == 1
+    assert doctor.stdout.startswith("FAIL settings: invalid settings")
+    assert f"elevenlabs_base_url = {REMOTE_HTTP!r}" in doctor.stdout and FIX in doctor.stdout
+    assert "canary" not in doctor.stdout + doctor.stderr

@@ -25,7 +25,7 @@ from heimdall_edge.audio import FRAME_BYTES, Audio, read_audio, silence
 from heimdall_edge.devices.base import Playback
 from heimdall_edge.engines.base import ReplyRequest, Transcript
 from heimdall_edge.fakecloud import FakeCloud, Fault
-from heimdall_edge.interaction import Interaction
+from heimdall_edge.interaction import Interaction, answerable
 from heimdall_edge.listen.endpointer import Endpointer, EndReason, Utterance
 from heimdall_edge.resilience import BreakerState
 from heimdall_edge.routing import Engines
@@ -129,7 +129,7 @@ def speculation_on(engines: Engines) -> Speculation:
     async def request_for(transcript: Transcript) -> ReplyRequest:
         return ReplyRequest(transcript.text, "")
 
-    return Speculation(engines, request_for, lambda transcript: bool(transcript.text))
+    return Speculation(engines, request_for, answerable)
 
 
 def breaker_failures(engines: Engines) -> dict[str, int]:

@@ -14,10 +14,12 @@ from pathlib import Path
 import pytest
 from moto_server import MotoServer, heimdall_store_env, use_aws_test_env
 
+from heimdall_edge import builders
 from heimdall_edge.audio import Audio, read_audio
 from heimdall_edge.engines.base import Transcript
 from heimdall_edge.fakecloud import FakeCloud
 from heimdall_edge.resilience import CloudError, ErrorKind
+from heimdall_edge.settings import load_settings
 from heimdall_edge.spool import Spool
 from heimdall_edge.upgrade import ON_DEVICE, Upgrade, upgradable
 
@@ -107,6 +109,34 @@ async def test_a_capture_evicted_during_its_upgrade_is_left_to_the_store_quietly
     assert upgrade.done == 0
     assert "left the spool before its upgrade was recorded" in caplog.text
     assert not [r for r in caplog.records if r.levelname == "ERROR" or r.exc_info]
+
+
+async def test_a_stock_phrase_from_cloud_whisper_upgrades_to_no_speech(
+    tmp_path: Path, speech_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cloud Whisper (the fake, through the real client) writes "Thank you." where the device
+    heard "Okay.": the cloud heard no speech, so the transcript becomes "", the device's kept."""
+    with FakeCloud(transcript="Thank you.") as cloud, Spool(tmp_path / "spool") as spool:
+        for name, value in cloud.env().items():
+            monkeypatch.setenv(name, value)
+        engines = builders.build_engines(load_settings(), voice_cache=False)
+        capture_id = kept(spool, speech_dir / "sr_english.wav", "Okay.", "faster-whisper")
+        stop = asyncio.Event()
+
+        async def sleep(_s: float) -> None:
+            if not upgradable(spool, "faster-whisper"):
+                stop.set()
+            await asyncio.sleep(0)
+
+        upgrade = Upgrade(
+            spool, engines.transcribe_in_cloud, local_engine="faster-whisper",
+            cloud_available=lambda: True, idle=lambda: True, requests_per_minute=60, sleep=sleep,
+        )  # fmt: skip
+        await asyncio.wait_for(upgrade.run(stop), 30)
+        assert cloud.count("transcriptions") == 1 and upgrade.done == 1
+        record = spool.get(capture_id)
+        assert (record.transcript, record.transcript_on_device) == ("", "Okay.")
+        assert record.engines["stt"] == "openai"
 
 
 # --- end to end: the real service, the fake cloud, moto --------------------------------------

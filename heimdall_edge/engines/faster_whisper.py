@@ -11,6 +11,7 @@ import numpy as np
 
 from heimdall_edge.audio import SAMPLE_RATE, Audio
 from heimdall_edge.engines.base import EngineError, Transcript
+from heimdall_edge.engines.hallucinations import screened
 from heimdall_edge.models import whisper_model_dir
 from heimdall_edge.settings import SpeechToTextSettings
 
@@ -53,6 +54,7 @@ class FasterWhisperEngine:
             ) from exc
 
     async def transcribe(self, audio: Audio) -> Transcript:
+        """What was said; "" when nothing was, or Whisper wrote only a stock phrase made up from noise."""
         if audio.sample_rate != SAMPLE_RATE:
             raise EngineError(
                 f"faster-whisper needs {SAMPLE_RATE} Hz audio, got {audio.sample_rate}"
@@ -65,7 +67,7 @@ class FasterWhisperEngine:
         inference = asyncio.ensure_future(asyncio.to_thread(self._transcribe, audio))
         inference.add_done_callback(self._inference_done)
         text = await asyncio.shield(inference)
-        return Transcript(text=text, engine=self.name)
+        return Transcript(text=screened(text, self.name), engine=self.name)
 
     def _inference_done(self, inference: asyncio.Future[str]) -> None:
         self._lock.release()

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from heimdall_edge.audio import Audio
 from heimdall_edge.engines.base import Transcript
+from heimdall_edge.engines.hallucinations import screened
 
 if TYPE_CHECKING:
     from openai import AsyncOpenAI
@@ -24,7 +25,7 @@ class OpenAIWhisperEngine:
         self._language = language
 
     async def transcribe(self, audio: Audio, timeout_s: float) -> Transcript:
-        """One request: the utterance as an in-memory WAV."""
+        """One request: the utterance as an in-memory WAV; a stock phrase made up from noise is "" (no speech)."""
         options = {"language": self._language} if self._language else {}
         result = await self._client.audio.transcriptions.create(
             model=self._model,
@@ -36,4 +37,4 @@ class OpenAIWhisperEngine:
         text = getattr(result, "text", None)
         if not isinstance(text, str):
             raise ValueError("transcription response has no text")  # noqa: TRY004 - malformed answer
-        return Transcript(text=text.strip(), engine=self.name)
+        return Transcript(text=screened(text.strip(), self.name), engine=self.name)
