@@ -1,12 +1,14 @@
 """Whisper's stock phrases on near-silence or noise ("Thank you.", "Thanks for watching!"): no speech.
 
 Whisper learnt from subtitled videos, so given audio with no words in it, it often
-writes what such videos end with. Measured here: tiny.en answers the room tone
-before or after a reader's words in the shared recordings with "Thank you.",
-"Thank you so much.", "We'll see you next time." or ". . . . ."; cloud Whisper does
-the same. A transcript made of nothing but such phrases (one, or several, or one
-repeated) and sound labels ("[BLANK_AUDIO]", "(music)") is no speech. One with any
-other word is kept whole: "thank you, what time is it" is a question.
+writes what such videos end with (cloud Whisper too: openai/whisper discussion 928).
+Measured here on the room tone before or after the words of the shared recordings
+(47 stretches under -40 dBFS, 5 runs each): tiny.en wrote nothing 135 times, such a
+phrase 70 times ("Thank you.", "We'll see you next time.", ". . . ."), and other
+text 30 times ("Okay." 14). A transcript made of nothing but such phrases (one, or
+several, or one repeated) and sound labels ("[BLANK_AUDIO]", "(music)") is no
+speech. One with any other word is kept whole: "thank you, what time is it" is a
+question.
 
 The price: someone who says only "thank you" to the device is not understood.
 """
