@@ -42,7 +42,15 @@ def ok_json(*args: str) -> object:
 def test_demo_answers_what_time_is_it_and_keeps_the_capture(speech_dir: Path) -> None:
     demo = ok_json("demo", "--input", str(speech_dir / "v2j_what_time_is_it.wav"), "--json")
     assert isinstance(demo, dict)
-    assert set(demo) == {"capture_id", "transcript", "reply", "engines", "timings_ms"}
+    assert set(demo) == {
+        "capture_id",
+        "transcript",
+        "reply",
+        "engines",
+        "timings_ms",
+        "speculative",
+    }
+    assert isinstance(demo["speculative"], bool)
     assert re.sub(r"[^a-z ]", "", demo["transcript"].lower()).strip() == "what time is it"
     assert TIME_REPLY.match(demo["reply"])
     assert demo["engines"] == {"stt": "faster-whisper", "reply": "offline", "tts": "piper"}
