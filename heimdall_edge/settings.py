@@ -225,8 +225,7 @@ class ResilienceSettings(Section):
     tts_deadline_s: Annotated[float, Field(gt=0, le=120)] = 8.0
     """Longest the cloud may take to send the first audio, retries included."""
     slow_factor: Annotated[float, Field(ge=1.5, le=100)] = 3.0
-    """A cloud answer this many times slower than the call's recent normal (the median of its
-    last 20) counts against the service's breaker, like a lost hedge or an overrun deadline."""
+    """A cloud answer this many times slower than the call's recent normal (median of the last 20) counts against its breaker, like a lost hedge."""
     slow_margin_ms: Annotated[int, Field(ge=0, le=60_000)] = 1000
     """...and at least this much slower: jitter on a fast service is not slowness."""
     max_attempts: Annotated[int, Field(ge=1, le=5)] = 2
