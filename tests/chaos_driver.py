@@ -991,13 +991,19 @@ class Chaos:
             if stop.is_set():
                 return
             daemon = rng.choice((True, False)) if mode == "mixed" else mode == "daemon"
+            first = (
+                index == 0 and mode != "once"
+            )  # one daemon SIGKILLed mid-run, whatever the draws
+            daemon = daemon or first
             args = [sys.executable, "-m", "heimdall_edge.cli", "sync"]
             if not daemon:
                 args += ["--once", "--json"]
             lifetime = rng.uniform(2.0, 8.0)  # a daemon is stopped (SIGTERM) after this
             draw = rng.random()
-            if self.config.revision_kills and draw < 0.4:
-                plan: Plan = ("revised", 0, rng.uniform(0.3, 1.5))
+            if first:
+                plan: Plan = ("kill", 0, rng.uniform(0.5, 1.5))
+            elif self.config.revision_kills and draw < 0.4:
+                plan = ("revised", 0, rng.uniform(0.3, 1.5))
             elif draw < 0.6:
                 plan = ("kill", 0, rng.uniform(0.2, lifetime if daemon else 2.5))
             else:
