@@ -817,7 +817,8 @@ async def test_a_pass_applies_the_quota_after_syncing(
         capture(spool, when=NOW + timedelta(minutes=i), audio_bytes=4 * MiB, frames=0)
         for i in range(3)
     ]
-    report = await asyncio.wait_for(syncer(spool, store, quota_mb=10).sync_once(), TIMEOUT)
+    sync = syncer(spool, store, quota_mb=10, wall_clock=lambda: NOW)  # inside the retention
+    report = await asyncio.wait_for(sync.sync_once(), TIMEOUT)
     assert (report.synced, report.evicted) == (3, 1)
     assert ids(spool) == {r.capture_id for r in records[1:]}
 
