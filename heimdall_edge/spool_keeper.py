@@ -182,6 +182,12 @@ class SpoolKeeper:
                     return True, evicted
                 if not wanted(record) or self._is_in_use(record.capture_id):
                     continue
+                # Said first: a power cut or a SIGKILL between the deletion and the line
+                # after it must not leave a capture gone without a word in the journal.
+                log.info(
+                    "evicting %s capture %s (revision %d) to stay within %s",
+                    tier, record.capture_id, record.revision, limit,
+                )  # fmt: skip
                 try:  # only as listed: a revision recorded since then is not in S3
                     freed = self.spool.delete(record.capture_id, unchanged=record)
                 except (CaptureNotFoundError, CaptureChangedError):
