@@ -186,7 +186,6 @@ class Interaction:
         online = self._engines.online
         return ReplyRequest(
             transcript=transcript.text,
-            capture_id="",  # not an engine's business: the reply is the same for any capture
             image_jpeg=frames[-1] if frames else None,
             status={
                 "pending_captures": str(pending),

@@ -74,7 +74,7 @@ async def test_healthy_cloud_answers_every_stage(engines: Engines, cloud: FakeCl
     assert upload.file_bytes == clip.to_wav()  # the utterance as an in-memory WAV
 
     answer = await asyncio.wait_for(
-        engines.reply(ReplyRequest(text, "c1", image_jpeg=b"\xff\xd8jpeg")), 30
+        engines.reply(ReplyRequest(text, image_jpeg=b"\xff\xd8jpeg")), 30
     )
     sentences = [s async for s in answer.items()]
     assert answer.engine == "openai" and sentences == ["The porch light is on.", "Anything else?"]
@@ -141,7 +141,7 @@ async def test_refused_connections_go_offline_and_skip_the_cloud(
         assert (await transcribe(engines, clip))[0] == "faster-whisper"
     # OpenAI's calls failed: OpenAI is offline; ElevenLabs, not asked, is not marked down.
     assert engines.online == {"openai": False, "elevenlabs": True}
-    reply = await engines.reply(ReplyRequest("tell me a joke", "c1", status={"online": "false"}))
+    reply = await engines.reply(ReplyRequest("tell me a joke", status={"online": "false"}))
     assert reply.engine == "offline" and reply.first == "I'm offline, but I've saved that."
     openai = engines.connectivities["openai"]
     prober = asyncio.create_task(openai.run())
@@ -210,7 +210,7 @@ async def test_truncated_reply_stream_keeps_what_arrived(
 ) -> None:
     cloud.reply = "First part is here. " + "Second part goes on and on. " * 20
     cloud.fault("chat", Fault(truncate=True))
-    answer = await asyncio.wait_for(engines.reply(ReplyRequest("hi", "c1")), 30)
+    answer = await asyncio.wait_for(engines.reply(ReplyRequest("hi")), 30)
     sentences = [s async for s in answer.items()]
     if answer.engine == "openai":
         assert sentences[0] == "First part is here." and len(sentences) < 21
@@ -247,7 +247,7 @@ async def test_every_stream_is_closed_not_left_to_the_garbage_collector(
     engines._hedge.update(reply=0.2, tts=0.2)
     with streams_left_to_the_gc() as left:
         for n in range(3):
-            answer = await asyncio.wait_for(engines.reply(ReplyRequest("hi", f"c{n}")), 30)
+            answer = await asyncio.wait_for(engines.reply(ReplyRequest("hi")), 30)
             sentences = answer.items()
             async for sentence in sentences:
                 speech = await asyncio.wait_for(engines.speak(f"{sentence} ({n})"), 30)

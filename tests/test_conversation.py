@@ -52,7 +52,6 @@ def test_the_cloud_reply_sees_the_earlier_turns_in_order() -> None:
     engine = CloudReplyEngine(client=None, model="m", max_tokens=50)  # type: ignore[arg-type]
     request = ReplyRequest(
         "and tomorrow?",
-        "c3",
         history=(Exchange("what's on today", "Two meetings."), Exchange("when", "At ten.")),
     )
     messages = engine.messages(request)
@@ -76,6 +75,6 @@ def test_the_cloud_reply_sees_the_earlier_turns_in_order() -> None:
 
 def test_the_offline_reply_answers_the_same_with_or_without_history() -> None:
     engine = OfflineReplyEngine()
-    alone = ReplyRequest("please remember the milk", "c1")
-    with_history = ReplyRequest("please remember the milk", "c1", history=(Exchange("a", "b"),))
+    alone = ReplyRequest("please remember the milk")
+    with_history = ReplyRequest("please remember the milk", history=(Exchange("a", "b"),))
     assert engine.answer(alone) == engine.answer(with_history) == "I saved that."

@@ -87,7 +87,7 @@ async def test_piper_speaks_sentence_by_sentence_and_whisper_hears_it(
 
 def test_offline_replies_answer_what_needs_no_network() -> None:
     engine = OfflineReplyEngine(now=lambda: datetime(2026, 11, 26, 15, 4))
-    ask = lambda text: engine.answer(ReplyRequest(text, "c1", status={"pending_captures": "3"}))
+    ask = lambda text: engine.answer(ReplyRequest(text, status={"pending_captures": "3"}))
     assert ask("What time is it?") == "It's 3:04 PM."
     assert ask("what's the date today") == "Today is Thursday, November 26, 2026."
     assert ask("status please") == "I'm working. 3 captures are waiting to sync."

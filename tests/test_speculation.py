@@ -127,7 +127,7 @@ def engines(cloud: FakeCloud, whisper, piper) -> Engines:
 
 def speculation_on(engines: Engines) -> Speculation:
     async def request_for(transcript: Transcript) -> ReplyRequest:
-        return ReplyRequest(transcript.text, "")
+        return ReplyRequest(transcript.text)
 
     return Speculation(engines, request_for, answerable)
 

@@ -30,7 +30,6 @@ class Exchange:
 @dataclass(frozen=True)
 class ReplyRequest:
     transcript: str
-    capture_id: str
     image_jpeg: bytes | None = None
     status: dict[str, str] = field(default_factory=dict)
     history: tuple[Exchange, ...] = ()
