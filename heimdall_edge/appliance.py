@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from heimdall_edge.backfill import Backfill
 from heimdall_edge.conversation import Conversation
@@ -44,6 +45,9 @@ from heimdall_edge.sync import Syncer
 from heimdall_edge.upgrade import Upgrade
 
 log = logging.getLogger(__name__)
+
+STOP_GRACE_S = 5.0
+"""How long the background tasks get to end once cancelled, before the service goes without them."""
 
 MIC_STALL_S = 1.0  # a read this slow means the device is away: report it, keep the loop alive
 STATUS_FILE = "status.json"
@@ -240,10 +244,7 @@ class Appliance:
                 self._report(turn)
         finally:
             self.notifier.stopping("finishing the current capture")
-            for task in background:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await _stop_all(background)
 
     async def _finish_for_stop(self, turn: asyncio.Task[TurnResult | None]) -> None:
         """On SIGTERM: end the capture now, cut playback, and let the spool finish writing."""
@@ -432,3 +433,28 @@ class Appliance:
             pass
         log.info("button pressed while speaking: playback stopped")
         self._playback_stop.set()
+
+
+async def _stop_all(tasks: list[asyncio.Task[Any]]) -> None:
+    """Cancel the background tasks and wait for them, but never for ever.
+
+    A task that lets a cancellation slip (a library catching it, a race on Python 3.11) is
+    cancelled again every half second; one still running after STOP_GRACE_S is named in
+    the journal and left behind, so that the service can still stop and systemd restart it.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + STOP_GRACE_S
+    pending = set(tasks)
+    while pending and loop.time() < deadline:
+        for task in pending:
+            task.cancel()
+        done, pending = await asyncio.wait(pending, timeout=0.5)
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                log.error("%s ended with an error", task.get_name(), exc_info=task.exception())
+    if pending:
+        log.error(
+            "background tasks still running after %.0f s: %s; stopping without them",
+            STOP_GRACE_S,
+            ", ".join(sorted(t.get_name() for t in pending)),
+        )

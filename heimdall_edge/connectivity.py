@@ -159,14 +159,18 @@ def tcp_probe(url_or_host: str, port: int | None = None, timeout_s: float = 2.0)
     host, port = _host_port(url_or_host, port)
 
     async def probe() -> bool:
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for can lose a cancellation that
+        # arrives as the connection completes, and the probe task then outlives its service.
         try:
-            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                _, writer = await asyncio.open_connection(host, port)
         except (OSError, TimeoutError) as exc:
             log.debug("probe %s:%d failed: %s", host, port, type(exc).__name__)
             return False
         writer.close()
         try:
-            await asyncio.wait_for(writer.wait_closed(), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await writer.wait_closed()
         except (OSError, TimeoutError):
             pass  # connected is all we wanted to know
         return True

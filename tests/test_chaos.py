@@ -185,6 +185,7 @@ async def test_chaos_two_syncers_under_a_quota_and_kills_between_revisions(
         models_dir,
         gaps,
         second_syncer="mixed",
+        kill_probability=0.4,  # besides the kills between revisions: some batches run out
         quota_mb=10,  # the smallest allowed
         ballast_mb=8,  # other data: 8 MB growing to 8.8 MB and cut back, again and again
         ballast_growth_kb_s=50,
