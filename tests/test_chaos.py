@@ -174,7 +174,6 @@ async def test_chaos_two_syncers_under_a_quota_and_kills_between_revisions(
                 ("a second syncer stopped", any(p.terminated for p in report.syncer_runs)),
                 ("a kill mid-turn", kills["mid-turn (kept, outcome not recorded)"] >= 1),
                 ("a kill with S3 behind", kills["newest revision newer than the one in S3"] >= 1),
-                ("a batch run to the end", any(b.finished for b in report.batches)),
             )
             if not met
         ]
@@ -185,7 +184,6 @@ async def test_chaos_two_syncers_under_a_quota_and_kills_between_revisions(
         models_dir,
         gaps,
         second_syncer="mixed",
-        kill_probability=0.4,  # besides the kills between revisions: some batches run out
         quota_mb=10,  # the smallest allowed
         ballast_mb=8,  # other data: 8 MB growing to 8.8 MB and cut back, again and again
         ballast_growth_kb_s=50,
