@@ -18,20 +18,32 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "pi-check"
 # What the script runs before it needs the emulation tools.
+# (`id` and `df` are fakes: the user and the free space are the test's to choose.)
 HOST_COMMANDS = [
-    "bash", "env", "dirname", "sed", "awk", "mkdir", "rm", "flock", "sort", "tr", "df", "python3",
-]  # fmt: skip
+    "bash",
+    "env",
+    "dirname",
+    "sed",
+    "awk",
+    "mkdir",
+    "rm",
+    "flock",
+    "sort",
+    "tr",
+    "python3",
+]
 
 
 def fake(bin_dir: Path, name: str, script: str) -> None:
     path = bin_dir / name
+    path.unlink(missing_ok=True)  # a link to the real command: never write through it
     path.write_text(f"#!/bin/sh\n{script}\n")
     path.chmod(0o755)
 
 
 @pytest.fixture
 def host(tmp_path: Path, models_dir: Path, speech_dir: Path):
-    """Run pi-check on a machine with only HOST_COMMANDS, as root unless told otherwise."""
+    """Run pi-check on a machine with only HOST_COMMANDS, as root with 100 GB free unless told."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for name in HOST_COMMANDS:
@@ -40,11 +52,11 @@ def host(tmp_path: Path, models_dir: Path, speech_dir: Path):
         (bin_dir / name).symlink_to(found)
     cache = tmp_path / "cache"
 
-    def run(*args: str, uid: int = 0, free_gb: int | None = None, **env: str):
+    def run(*args: str, uid: int = 0, free_gb: int = 100, **env: str):
         fake(bin_dir, "id", f'[ "$1" = -u ] && echo {uid}')
-        if free_gb is not None:  # df -Pk: the fourth column is what is available, in KiB
-            kb = free_gb * 1024**2
-            fake(bin_dir, "df", f'echo "Filesystem 1024-blocks Used Available"; echo "x 0 0 {kb}"')
+        # df -Pk: the fourth column is what is available, in KiB.
+        kb = free_gb * 1024**2
+        fake(bin_dir, "df", f'echo "Filesystem 1024-blocks Used Available"; echo "x 0 0 {kb}"')
         environment = {
             "PATH": str(bin_dir),
             "HOME": str(tmp_path),
