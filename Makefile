@@ -6,7 +6,7 @@ export HEIMDALL_MODELS_DIR ?= $(abspath $(firstword $(wildcard ../shared/models)
 export HEIMDALL_STATE_DIR ?= $(abspath .state)
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo test bench report models clean
+.PHONY: setup demo test bench report models clean pi-check
 
 setup:
 	@scripts/bootstrap.sh
@@ -27,6 +27,11 @@ bench: models
 
 report: models
 	$(VENV)/bin/python bench/report.py
+
+# Proof on ARM: install and run the appliance in an emulated aarch64 Debian root
+# (docs/PI.md). Needs root; tens of minutes; not part of `test` nor of .ci/run.
+pi-check:
+	scripts/pi-check $(PI_CHECK_ARGS)
 
 clean:
 	rm -rf .state .pytest_cache

@@ -7,6 +7,12 @@
 # the unit, never overwrites /etc/heimdall-edge/config.toml or the credentials,
 # and restarts the service so the new code runs.
 #
+# Also on Debian or Ubuntu without Raspberry Pi OS's archive: lgpio then comes
+# from PyPI and the camera is off (said in one line). Where systemd is not
+# running (a container, a chroot, an image being built) the unit is installed,
+# verified and enabled for the next boot, not started. `make pi-check` runs it
+# in an emulated aarch64 Debian root (docs/PI.md).
+#
 # Environment knobs:
 #   MODELS_FROM=/path/to/models  copy models from a folder (offline install)
 #                                instead of downloading what is missing
@@ -26,7 +32,8 @@ UNIT_FILE=/etc/systemd/system/heimdall-edge.service
 DEVICE_GROUPS=(audio video gpio)
 APT_PACKAGES=(python3-venv python3-dev gcc portaudio19-dev libasound2-plugins libsndfile1
     alsa-utils libcap-dev rsync)
-# Only in the Raspberry Pi OS archive: without them there is no camera / no GPIO driver.
+# Only in the Raspberry Pi OS archive (not in Debian's or Ubuntu's, not in a container
+# built from them): without_pi_package says what happens instead.
 APT_PI_PACKAGES=(python3-picamera2 python3-lgpio)
 
 # Debian's own Python: apt's python3-picamera2 and python3-lgpio live in its
@@ -45,6 +52,15 @@ die() {
 trap 'die "install.sh failed at line $LINENO (exit $?); fix the cause above and run it again: it is safe to re-run"' ERR
 
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
+
+without_pi_package() {
+    case $1 in
+    python3-lgpio) note "python3-lgpio is not in this archive: lgpio comes from PyPI instead" ;;
+    python3-picamera2)
+        warn "camera off: python3-picamera2 is only in Raspberry Pi OS's archive; captures will hold audio only"
+        ;;
+    esac
+}
 
 # --- checks -----------------------------------------------------------------
 [ "$(id -u)" -eq 0 ] || die "run as root: sudo $0"
@@ -67,7 +83,7 @@ if [ ${#missing[@]} -gt 0 ] || [ ${#pi_missing[@]} -gt 0 ]; then
         if apt-cache show "$pkg" >/dev/null 2>&1; then
             missing+=("$pkg")
         else
-            warn "$pkg is not in this system's archive (not Raspberry Pi OS?): continuing without it"
+            without_pi_package "$pkg"
         fi
     done
 fi
@@ -150,6 +166,32 @@ fi
 [ -x "$VENV/bin/heimdall-edge" ] || die "$VENV/bin/heimdall-edge was not installed"
 note "heimdall-edge installed"
 
+# The compiled modules the service loads, imported now rather than at its start-up.
+# apt's (picamera2's simplejpeg, lgpio, ...) are built against Debian's NumPy 1.x
+# and fail to import beside a NumPy 2, which the constraint above keeps out.
+modules=(numpy pyaudio soundfile lgpio ctranslate2 onnxruntime)
+if installed python3-picamera2; then modules+=(picamera2); fi
+if ! imported=$("$VENV/bin/python" - "${modules[@]}" 2>&1 <<'PY'
+import importlib, sys
+failed = []
+for name in sys.argv[1:]:
+    try:
+        importlib.import_module(name)
+    except Exception as exc:  # an ABI mismatch is an ImportError, a broken wheel may be anything
+        failed.append(f"  {name}: {type(exc).__name__}: {exc}")
+if failed:
+    sys.exit("\n".join(failed))
+import numpy
+where = "the venv's" if numpy.__file__.startswith(sys.prefix) else "apt's"
+print(f"{', '.join(sys.argv[1:])} import (numpy {numpy.__version__}, {where})")
+PY
+); then
+    die "the service would fail at start-up: in $VENV these do not import:
+$imported
+  If NumPy is named, a NumPy 2 reached the venv: run this installer again (it installs NumPy 1.x)."
+fi
+note "$imported"
+
 # --- configuration and credentials ------------------------------------------
 say "Configuration in $CONFIG_DIR"
 install -d -o root -g root -m 0755 "$CONFIG_DIR"
@@ -219,26 +261,36 @@ chown -R "$APP_USER:$APP_USER" "$STATE_DIR"
 # --- systemd ----------------------------------------------------------------
 say "systemd unit $UNIT_FILE"
 install -o root -g root -m 0644 "$APP_DIR/systemd/heimdall-edge.service" "$UNIT_FILE"
-if command -v systemd-analyze >/dev/null; then
-    systemd-analyze verify "$UNIT_FILE" || warn "systemd-analyze verify complained about $UNIT_FILE (see above)"
+if ! command -v systemd-analyze >/dev/null; then
+    warn "systemd-analyze not found: $UNIT_FILE is not verified"
+elif systemd-analyze verify "$UNIT_FILE"; then
+    note "verified (systemd-analyze verify)"
+else
+    warn "systemd-analyze verify complained about $UNIT_FILE (see above)"
 fi
 if [ ! -d /run/systemd/system ]; then
-    warn "systemd is not running here (chroot or image build?): enable it later with"
-    warn "  systemctl enable --now $APP_NAME"
-    exit 0
-fi
-systemctl daemon-reload
-systemctl reset-failed "$APP_NAME" 2>/dev/null || true
-if [ "${SKIP_START:-0}" = 1 ]; then
-    systemctl enable "$APP_NAME"
-    note "enabled; not started (SKIP_START=1)"
-elif systemctl is-active --quiet "$APP_NAME"; then
-    systemctl enable "$APP_NAME"
-    systemctl restart "$APP_NAME"
-    note "enabled and restarted with the new code"
+    # A container, a chroot or an image being built: systemctl works on the files
+    # alone, so the unit can be enabled for the next boot, but nothing can start it.
+    if command -v systemctl >/dev/null; then
+        systemctl enable --quiet "$APP_NAME"
+        note "systemd is not running here (a container or chroot?): enabled for the next boot, not started"
+    else
+        warn "neither systemd nor systemctl here (a container?): the unit is installed, not enabled or started"
+    fi
 else
-    systemctl enable --now "$APP_NAME"
-    note "enabled and started"
+    systemctl daemon-reload
+    systemctl reset-failed "$APP_NAME" 2>/dev/null || true
+    if [ "${SKIP_START:-0}" = 1 ]; then
+        systemctl enable "$APP_NAME"
+        note "enabled; not started (SKIP_START=1)"
+    elif systemctl is-active --quiet "$APP_NAME"; then
+        systemctl enable "$APP_NAME"
+        systemctl restart "$APP_NAME"
+        note "enabled and restarted with the new code"
+    else
+        systemctl enable --now "$APP_NAME"
+        note "enabled and started"
+    fi
 fi
 
 say "Done"
