@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO)]
 
 from heimdall_edge.audio import Audio, read_audio
-from heimdall_edge.engines.faster_whisper import FasterWhisperEngine
+from heimdall_edge.engines.local.faster_whisper import FasterWhisperEngine
 from heimdall_edge.settings import SpeechToTextSettings
 
 LIVE = "v2j_what_time_is_it.wav"

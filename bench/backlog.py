@@ -25,7 +25,7 @@ sys.path[:0] = [str(REPO), str(REPO / "bench")]
 from latency import time_to_ready
 from tqdm import tqdm
 
-from heimdall_edge.spool import Spool
+from heimdall_edge.spool.store import Spool
 
 CAPTURE_MB = 8
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")

@@ -59,15 +59,15 @@ async def measure(limit: int | None = None) -> dict:
     Sets HEIMDALL_* variables in os.environ as it goes (state dir, hedge delays, the fake
     cloud's URLs and keys): callers that go on afterwards should restore the environment.
     """
-    from heimdall_edge import builders
+    from heimdall_edge.app import builders
     from heimdall_edge.audio import read_audio
     from heimdall_edge.devices.speaker import WavFileSpeaker
-    from heimdall_edge.fakecloud import FakeCloud, Fault
-    from heimdall_edge.interaction import Interaction
     from heimdall_edge.listen.endpointer import EndReason, Utterance
-    from heimdall_edge.routing import Engines
     from heimdall_edge.settings import load_settings
-    from heimdall_edge.spool import Spool
+    from heimdall_edge.spool.store import Spool
+    from heimdall_edge.testing.fakecloud import FakeCloud, Fault
+    from heimdall_edge.turn.interaction import Interaction
+    from heimdall_edge.turn.routing import Engines
 
     class QuietIndicator:
         def show(self, state: object) -> None:
@@ -170,11 +170,11 @@ async def measure_turns(limit: int | None = None) -> dict:
     """The hung cloud over successive turns and speculative against plain turns (ms)."""
     from turn_scenarios import speculative_against_plain, successive_turns
 
-    from heimdall_edge import builders
+    from heimdall_edge.app import builders
     from heimdall_edge.audio import read_audio
-    from heimdall_edge.fakecloud import FakeCloud, Fault
     from heimdall_edge.settings import load_settings
-    from heimdall_edge.spool import Spool
+    from heimdall_edge.spool.store import Spool
+    from heimdall_edge.testing.fakecloud import FakeCloud, Fault
 
     state = Path(tempfile.mkdtemp(prefix="heimdall-bench-"))
     for name in [k for k in os.environ if k.startswith("HEIMDALL_RESILIENCE__")]:
@@ -225,7 +225,7 @@ async def one_service_down(engines, spool, clip) -> dict[str, list[dict]]:
     service on a fake cloud of its own, so that one can be unreachable alone."""
     from turn_scenarios import successive_turns
 
-    from heimdall_edge.fakecloud import FakeCloud
+    from heimdall_edge.testing.fakecloud import FakeCloud
 
     names = ("OPENAI", "ELEVENLABS")
     saved = {k: os.environ[k] for n in names for k in (f"HEIMDALL_{n}_BASE_URL", f"{n}_API_KEY")}

@@ -58,8 +58,8 @@ async def turns(
     """Stage timings (ms) of `runs` whole turns per recording, after one dropped warm-up turn each."""
     from gpiozero.pins.mock import MockFactory
 
-    from heimdall_edge import builders
-    from heimdall_edge.appliance import Appliance
+    from heimdall_edge.app import builders
+    from heimdall_edge.app.appliance import Appliance
     from heimdall_edge.settings import load_settings
 
     settings = load_settings()
@@ -101,7 +101,7 @@ def rss_mib(code: str) -> float:
 
 LOAD_MODELS = """
 import asyncio
-from heimdall_edge import builders
+from heimdall_edge.app import builders
 from heimdall_edge.audio import read_audio
 from heimdall_edge.settings import load_settings
 async def main():

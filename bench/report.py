@@ -345,7 +345,7 @@ async def speech_to_text(runs: int) -> dict[str, Any]:
     from shared import words
 
     from heimdall_edge.audio import read_audio
-    from heimdall_edge.engines.faster_whisper import FasterWhisperEngine
+    from heimdall_edge.engines.local.faster_whisper import FasterWhisperEngine
     from heimdall_edge.settings import load_settings
 
     settings = load_settings()
@@ -400,7 +400,7 @@ async def speech_to_text(runs: int) -> dict[str, Any]:
 
 
 async def piper(runs: int) -> dict[str, Any]:
-    from heimdall_edge.engines.piper import PiperEngine
+    from heimdall_edge.engines.local.piper import PiperEngine
     from heimdall_edge.settings import load_settings
 
     settings = load_settings()
@@ -478,8 +478,8 @@ def status(key):
     return 0.0
 
 async def main(inputs):
-    from heimdall_edge import builders
-    from heimdall_edge.appliance import Appliance
+    from heimdall_edge.app import builders
+    from heimdall_edge.app.appliance import Appliance
     from heimdall_edge.settings import load_settings
 
     settings = load_settings()

@@ -96,7 +96,7 @@ async def listen(
 
 @cache
 def whisper() -> Any:
-    from heimdall_edge.engines.faster_whisper import FasterWhisperEngine
+    from heimdall_edge.engines.local.faster_whisper import FasterWhisperEngine
     from heimdall_edge.settings import SpeechToTextSettings
 
     models = Path(os.environ["HEIMDALL_MODELS_DIR"])

@@ -137,7 +137,7 @@ MOTO_ENV = {
 # ---- the children: fake cloud and moto, each in its own process -------------------------------
 def _child_fakecloud() -> None:
     """The fake cloud; reads one JSON command per line ({"faults": ..., "refuse": ...}), answers ok."""
-    from heimdall_edge.fakecloud import FakeCloud, Fault
+    from heimdall_edge.testing.fakecloud import FakeCloud, Fault
 
     asked = itertools.cycle(["what time is it", "what can you see", "what's the date today"])
     answer = itertools.count()
@@ -462,8 +462,8 @@ async def _soak(plan: _Plan, cloud: Child, tally: _Tally) -> SoakResult:
 
     from gpiozero.pins.mock import MockFactory
 
-    from heimdall_edge import builders
-    from heimdall_edge.appliance import Appliance
+    from heimdall_edge.app import builders
+    from heimdall_edge.app.appliance import Appliance
     from heimdall_edge.settings import load_settings
 
     turns, warmup, every, clips = plan.turns, plan.warmup, plan.every, plan.clips

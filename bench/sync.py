@@ -39,7 +39,7 @@ BUCKET, TABLE = "heimdall-bench", "heimdall-bench-index"
 def make_spool(root: Path, count: int) -> int:
     """A spool of `count` captures (2 s of audio and one ~40 KB frame each); returns the bytes."""
     from heimdall_edge.audio import noise, wav_bytes
-    from heimdall_edge.spool import Spool
+    from heimdall_edge.spool.store import Spool
 
     rng = np.random.default_rng(0)
     total = 0
@@ -121,8 +121,8 @@ def fresh_store(server: MotoServer) -> None:
 
 async def reconnect_latency(server: MotoServer, state: Path) -> float:
     """The service's syncer waits offline; the store (and the network) come back: time to first upload."""
-    from heimdall_edge import builders
-    from heimdall_edge.resilience import ErrorKind
+    from heimdall_edge.app import builders
+    from heimdall_edge.cloud.resilience import ErrorKind
     from heimdall_edge.settings import load_settings
 
     settings = load_settings()

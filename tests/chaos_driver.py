@@ -94,8 +94,8 @@ from chaos_spool import (
 )
 from moto_server import AWS_ENV_TO_UNSET, DEFAULT_REGION, MotoServer, aws_test_env
 
-from heimdall_edge.backfill import CUT_SHORT
-from heimdall_edge.fakecloud import ROUTES, FakeCloud, Fault
+from heimdall_edge.testing.fakecloud import ROUTES, FakeCloud, Fault
+from heimdall_edge.turn.backfill import CUT_SHORT
 
 BUCKET = "heimdall-chaos"
 TABLE = "heimdall-chaos-index"
@@ -1097,7 +1097,7 @@ class Chaos:
     # -- the checks ------------------------------------------------------------------------------
 
     def check(self, server: MotoServer) -> None:
-        from heimdall_edge.spool import Spool
+        from heimdall_edge.spool.store import Spool
 
         report, fail, config = self.report, self.report.failures.append, self.config
         with Spool(self.spool_dir) as spool:

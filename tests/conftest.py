@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from heimdall_edge.engines.faster_whisper import FasterWhisperEngine
-from heimdall_edge.engines.piper import PiperEngine
+from heimdall_edge.engines.local.faster_whisper import FasterWhisperEngine
+from heimdall_edge.engines.local.piper import PiperEngine
 from heimdall_edge.settings import SpeechToTextSettings, TextToSpeechSettings
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ import jiwer
 import pytest
 from shared import on_a_terminal, words
 
-from heimdall_edge import builders
+from heimdall_edge.app import builders
 from heimdall_edge.audio import Audio
 from heimdall_edge.settings import load_settings
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from chaos_clock import SkewCheckingMotoServer, faketime_env, write_offset
 from moto_server import AWS_ENV_TO_UNSET, aws_test_env
 
-from heimdall_edge.spool import Spool
+from heimdall_edge.spool.store import Spool
 
 BUCKET, TABLE = "heimdall-skew", "heimdall-skew-index"
 

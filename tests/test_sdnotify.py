@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from heimdall_edge.sdnotify import (
+from heimdall_edge.app.sdnotify import (
     HealthWatchdog,
     Notifier,
     extending_startup,
@@ -119,7 +119,7 @@ def test_send_failure_never_raises(tmp_path, caplog):
     missing = tmp_path / "nobody-listens"
     notifier = Notifier(str(missing))
     assert notifier.enabled
-    with caplog.at_level("DEBUG", logger="heimdall_edge.sdnotify"):
+    with caplog.at_level("DEBUG", logger="heimdall_edge.app.sdnotify"):
         assert notifier.ready() is False
         assert notifier.watchdog() is False
     assert "failed" in caplog.text

@@ -150,7 +150,7 @@ KEPT_THEN_KILLED = """
 import os, signal, sys
 from heimdall_edge.audio import read_audio
 from heimdall_edge.settings import load_settings
-from heimdall_edge.spool import Spool
+from heimdall_edge.spool.store import Spool
 settings = load_settings()
 spool = Spool(settings.spool_dir)
 record = spool.create(device_id=settings.device_id, trigger="button", frames=[], leased=True,

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from heimdall_edge.engines.base import EngineError
-from heimdall_edge.models import piper_voice_files, whisper_model_dir
+from heimdall_edge.engines.local.models import piper_voice_files, whisper_model_dir
 from heimdall_edge.settings import Settings, SettingsError, config_path
 
 DISK_WARN_BYTES = 500 * 1024**2
@@ -74,7 +74,7 @@ def _config(explicit: Path | None) -> Check:
 
 
 def _state_dir(settings: Settings) -> Check:
-    from heimdall_edge.builders import prepare_state_dir
+    from heimdall_edge.app.builders import prepare_state_dir
 
     try:
         state = prepare_state_dir(settings)
@@ -230,7 +230,7 @@ def _credential(label: str, field: str) -> Callable[[Settings], Check]:
 def _cloud_state(settings: Settings) -> Check:
     """What the running service last saw of the cloud (its status.json): whether its speech
     services were all reachable, each service's reachability (the store's too) and breakers."""
-    from heimdall_edge.appliance import STATUS_FILE
+    from heimdall_edge.app.appliance import STATUS_FILE
 
     path = settings.state_dir / STATUS_FILE
     try:
@@ -263,9 +263,9 @@ def _cloud_state(settings: Settings) -> Check:
 
 def _sync(settings: Settings) -> Check:
     """Whether captures can reach the store, and how many are waiting."""
-    from heimdall_edge.builders import open_store
-    from heimdall_edge.cloudstore import StoreConfig, StoreError
-    from heimdall_edge.spool import Spool
+    from heimdall_edge.app.builders import open_store
+    from heimdall_edge.spool.store import Spool
+    from heimdall_edge.sync.cloudstore import StoreConfig, StoreError
 
     with Spool(settings.spool_dir) as spool:
         counts = spool.counts()

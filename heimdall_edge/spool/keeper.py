@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 
 from heimdall_edge.settings import SyncSettings
-from heimdall_edge.spool import (
+from heimdall_edge.spool.store import (
     CaptureChangedError,
     CaptureNotFoundError,
     CaptureRecord,

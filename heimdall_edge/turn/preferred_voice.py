@@ -19,8 +19,8 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from heimdall_edge.resilience import CloudError, ErrorKind
-from heimdall_edge.routing import Engines
+from heimdall_edge.cloud.resilience import CloudError, ErrorKind
+from heimdall_edge.turn.routing import Engines
 
 log = logging.getLogger(__name__)
 

@@ -13,10 +13,10 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from heimdall_edge import lease
 from heimdall_edge.audio import Audio, AudioError, read_audio
 from heimdall_edge.engines.base import Transcript
-from heimdall_edge.spool import AUDIO_NAME, CaptureRecord, Spool, SpoolError
+from heimdall_edge.spool import lease
+from heimdall_edge.spool.store import AUDIO_NAME, CaptureRecord, Spool, SpoolError
 
 log = logging.getLogger(__name__)
 

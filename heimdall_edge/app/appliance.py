@@ -17,8 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from heimdall_edge.backfill import Backfill
-from heimdall_edge.conversation import Conversation
+from heimdall_edge.app.sdnotify import HealthWatchdog, Notifier
 from heimdall_edge.devices.base import (
     Button,
     ButtonEvent,
@@ -30,19 +29,20 @@ from heimdall_edge.devices.base import (
     Speaker,
 )
 from heimdall_edge.devices.camera import frames_while
-from heimdall_edge.durable import replace_file
-from heimdall_edge.interaction import FIXED_PHRASES, Interaction, TurnResult, answerable
 from heimdall_edge.listen.listener import build_listener
 from heimdall_edge.listen.playback import ListeningSpeaker
-from heimdall_edge.preferred_voice import PreferredVoice
-from heimdall_edge.routing import Engines
-from heimdall_edge.sdnotify import HealthWatchdog, Notifier
 from heimdall_edge.settings import Settings
-from heimdall_edge.speculation import Speculation
-from heimdall_edge.spool import Spool
-from heimdall_edge.spool_keeper import SpoolKeeper
-from heimdall_edge.sync import Syncer
-from heimdall_edge.upgrade import Upgrade
+from heimdall_edge.spool.durable import replace_file
+from heimdall_edge.spool.keeper import SpoolKeeper
+from heimdall_edge.spool.store import Spool
+from heimdall_edge.sync.syncer import Syncer
+from heimdall_edge.turn.backfill import Backfill
+from heimdall_edge.turn.conversation import Conversation
+from heimdall_edge.turn.interaction import FIXED_PHRASES, Interaction, TurnResult, answerable
+from heimdall_edge.turn.preferred_voice import PreferredVoice
+from heimdall_edge.turn.routing import Engines
+from heimdall_edge.turn.speculation import Speculation
+from heimdall_edge.turn.upgrade import Upgrade
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ pending again, and goes up again: new files and a new record, nothing overwritte
 So a crash (or a cut network) anywhere leaves the capture pending, and the next
 attempt completes it without writing anything twice: each capture ends up once in
 S3 and once in DynamoDB, whatever happened in between. A capture whose turn a live
-process is still recording (its lease, see lease.py) waits, so its transcript, reply
+process is still recording (its lease, see spool/lease.py) waits, so its transcript, reply
 and reply.wav go with it; one whose process is gone goes at once, as it is. A capture whose key in S3 already
 holds *different* bytes is marked sync_state "failed" (a person must look); nothing
 else ever gives up.
@@ -29,7 +29,7 @@ out of reach or its breaker is open, and drains at once when the store can be
 reached again or a new capture is kept (`notify()`). Reachability is the store's
 own (its calls feed it, and run() probes the S3 endpoint's host while it is away),
 never a speech service's: sync goes on while OpenAI or ElevenLabs is down. After
-each pass the spool's keeper (spool_keeper.py) applies retention and the quota; the
+each pass the spool's keeper (spool/keeper.py) applies retention and the quota; the
 syncer tells it which captures it is uploading, so none of them is evicted meanwhile.
 
 boto3 blocks: every store call runs in a worker thread (`asyncio.to_thread`).
@@ -51,10 +51,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from heimdall_edge import lease
-from heimdall_edge.cloudstore import PutResult, index_item
-from heimdall_edge.iot_credentials import SERVICE as CREDENTIALS_SERVICE
-from heimdall_edge.resilience import (
+from heimdall_edge.cloud.resilience import (
     RETRYABLE,
     BreakerState,
     CircuitBreaker,
@@ -62,7 +59,9 @@ from heimdall_edge.resilience import (
     ErrorKind,
 )
 from heimdall_edge.settings import SyncSettings
-from heimdall_edge.spool import (
+from heimdall_edge.spool import lease
+from heimdall_edge.spool.keeper import SpoolKeeper
+from heimdall_edge.spool.store import (
     RECORD_NAME,
     CaptureNotFoundError,
     CaptureRecord,
@@ -70,11 +69,12 @@ from heimdall_edge.spool import (
     SpoolError,
     iso_utc,
 )
-from heimdall_edge.spool_keeper import SpoolKeeper
+from heimdall_edge.sync.cloudstore import PutResult, index_item
+from heimdall_edge.sync.iot_credentials import SERVICE as CREDENTIALS_SERVICE
 
 if TYPE_CHECKING:
-    from heimdall_edge.cloudstore import CaptureStore
-    from heimdall_edge.connectivity import Connectivity
+    from heimdall_edge.cloud.connectivity import Connectivity
+    from heimdall_edge.sync.cloudstore import CaptureStore
 
 log = logging.getLogger(__name__)
 

@@ -35,9 +35,9 @@ from tenacity.stop import stop_base
 from tenacity.wait import wait_base, wait_random_exponential
 
 if TYPE_CHECKING:
-    from heimdall_edge.connectivity import Connectivity
+    from heimdall_edge.cloud.connectivity import Connectivity
 
-log = logging.getLogger("heimdall_edge.resilience")
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Clock = Callable[[], float]

@@ -59,8 +59,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Self
 
-from heimdall_edge import durable
 from heimdall_edge.audio import SAMPLE_WIDTH, Audio, wav_bytes
+from heimdall_edge.spool import durable
 
 log = logging.getLogger(__name__)
 

@@ -20,11 +20,17 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from heimdall_edge import lease
 from heimdall_edge.audio import Audio, AudioError, read_audio
+from heimdall_edge.cloud.resilience import CloudError, ErrorKind
 from heimdall_edge.engines.base import Transcript
-from heimdall_edge.resilience import CloudError, ErrorKind
-from heimdall_edge.spool import AUDIO_NAME, CaptureNotFoundError, CaptureRecord, Spool, SpoolError
+from heimdall_edge.spool import lease
+from heimdall_edge.spool.store import (
+    AUDIO_NAME,
+    CaptureNotFoundError,
+    CaptureRecord,
+    Spool,
+    SpoolError,
+)
 
 log = logging.getLogger(__name__)
 

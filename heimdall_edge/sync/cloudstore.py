@@ -66,8 +66,8 @@ from boto3.dynamodb.types import TypeSerializer
 from botocore.config import Config
 from botocore.parsers import ResponseParserError
 
-from heimdall_edge.resilience import CloudError, ErrorKind, classify, parse_retry_after
-from heimdall_edge.spool import CaptureRecord, iso_utc
+from heimdall_edge.cloud.resilience import CloudError, ErrorKind, classify, parse_retry_after
+from heimdall_edge.spool.store import CaptureRecord, iso_utc
 
 if TYPE_CHECKING:
     from heimdall_edge.settings import Settings

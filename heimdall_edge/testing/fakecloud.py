@@ -18,7 +18,7 @@ malformed body, and refused connections on the same port.
 Used by tests and benchmarks (``with FakeCloud() as cloud: ...``) and standalone
 for trying the cloud path without keys::
 
-    python -m heimdall_edge.fakecloud --port 8787 --latency-ms 150
+    python -m heimdall_edge.testing.fakecloud --port 8787 --latency-ms 150
 
 API keys are never logged. Recorded headers keep the auth headers' presence but
 not their values (``Recorded.auth_ok`` says whether the key was right).
@@ -1239,7 +1239,7 @@ def _silent_mp3(seconds: float, bitrate_kbps: int) -> bytes:
 # ---- standalone ---------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m heimdall_edge.fakecloud",
+        prog="python -m heimdall_edge.testing.fakecloud",
         description="Serve fake OpenAI (Whisper, chat) and ElevenLabs (TTS) APIs on 127.0.0.1.",
     )
     parser.add_argument(

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from heimdall_edge.audio import Audio
 from heimdall_edge.engines.base import ReplyRequest, Transcript
-from heimdall_edge.routing import Answer, Engines
+from heimdall_edge.turn.routing import Answer, Engines
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from heimdall_edge.engines.base import ReplyRequest
-from heimdall_edge.sentences import sentences
+from heimdall_edge.engines.sentences import sentences
 from heimdall_edge.streams import closing
 
 if TYPE_CHECKING:

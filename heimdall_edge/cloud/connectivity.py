@@ -18,9 +18,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit
 
-from heimdall_edge.resilience import ErrorKind
+from heimdall_edge.cloud.resilience import ErrorKind
 
-log = logging.getLogger("heimdall_edge.connectivity")
+log = logging.getLogger(__name__)
 
 NETWORK_FAILURES = frozenset({ErrorKind.CONNECTION, ErrorKind.TIMEOUT})
 """The only kinds that say something about the network; an HTTP error says nothing."""

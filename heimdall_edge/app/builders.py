@@ -13,22 +13,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from heimdall_edge.appliance import Devices
-from heimdall_edge.cloudstore import CaptureStore, StoreConfig, StoreError
-from heimdall_edge.connectivity import Connectivity, tcp_probe
-from heimdall_edge.engines.cloud_reply import CloudReplyEngine
-from heimdall_edge.engines.elevenlabs import ElevenLabsEngine
-from heimdall_edge.engines.faster_whisper import FasterWhisperEngine
-from heimdall_edge.engines.offline_reply import OfflineReplyEngine
-from heimdall_edge.engines.openai_whisper import OpenAIWhisperEngine
-from heimdall_edge.engines.piper import PiperEngine
-from heimdall_edge.iot_credentials import IotCredentialsProvider, IotIdentity, iot_session
-from heimdall_edge.resilience import CallPolicy, CircuitBreaker, Clock, LatencyNorm, RateLimit
-from heimdall_edge.routing import Cloud, Engines
+from heimdall_edge.app.appliance import Devices
+from heimdall_edge.cloud.connectivity import Connectivity, tcp_probe
+from heimdall_edge.cloud.resilience import CallPolicy, CircuitBreaker, Clock, LatencyNorm, RateLimit
+from heimdall_edge.engines.cloud.cloud_reply import CloudReplyEngine
+from heimdall_edge.engines.cloud.elevenlabs import ElevenLabsEngine
+from heimdall_edge.engines.cloud.openai_whisper import OpenAIWhisperEngine
+from heimdall_edge.engines.local.faster_whisper import FasterWhisperEngine
+from heimdall_edge.engines.local.offline_reply import OfflineReplyEngine
+from heimdall_edge.engines.local.piper import PiperEngine
 from heimdall_edge.settings import Settings, SettingsError
-from heimdall_edge.spool import Spool
-from heimdall_edge.sync import Syncer
-from heimdall_edge.voice_cache import VoiceCache, VoiceCacheError
+from heimdall_edge.spool.store import Spool
+from heimdall_edge.sync.cloudstore import CaptureStore, StoreConfig, StoreError
+from heimdall_edge.sync.iot_credentials import IotCredentialsProvider, IotIdentity, iot_session
+from heimdall_edge.sync.syncer import Syncer
+from heimdall_edge.turn.routing import Cloud, Engines
+from heimdall_edge.turn.voice_cache import VoiceCache, VoiceCacheError
 
 log = logging.getLogger(__name__)
 OPENAI_DEFAULT_URL = "https://api.openai.com/v1"

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from heimdall_edge.audio import Audio
 from heimdall_edge.engines.base import EngineError
-from heimdall_edge.models import piper_voice_files
+from heimdall_edge.engines.local.models import piper_voice_files
 from heimdall_edge.settings import TextToSpeechSettings
 
 if TYPE_CHECKING:

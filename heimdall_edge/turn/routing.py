@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from heimdall_edge.audio import Audio
-from heimdall_edge.connectivity import Connectivity
+from heimdall_edge.cloud.connectivity import Connectivity
+from heimdall_edge.cloud.resilience import CallPolicy, CloudError, ErrorKind, classify
 from heimdall_edge.engines.base import (
     ReplyEngine,
     ReplyRequest,
@@ -29,12 +30,11 @@ from heimdall_edge.engines.base import (
     TextToSpeech,
     Transcript,
 )
-from heimdall_edge.engines.cloud_reply import CloudReplyEngine
-from heimdall_edge.engines.elevenlabs import ElevenLabsEngine
-from heimdall_edge.engines.openai_whisper import OpenAIWhisperEngine
-from heimdall_edge.resilience import CallPolicy, CloudError, ErrorKind, classify
+from heimdall_edge.engines.cloud.cloud_reply import CloudReplyEngine
+from heimdall_edge.engines.cloud.elevenlabs import ElevenLabsEngine
+from heimdall_edge.engines.cloud.openai_whisper import OpenAIWhisperEngine
 from heimdall_edge.streams import aclose, closing
-from heimdall_edge.voice_cache import VoiceCache, VoiceCacheError, cache_key
+from heimdall_edge.turn.voice_cache import VoiceCache, VoiceCacheError, cache_key
 
 log = logging.getLogger(__name__)
 

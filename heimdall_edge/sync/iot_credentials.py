@@ -36,8 +36,8 @@ import botocore.credentials
 import botocore.session
 from cryptography import x509
 
-from heimdall_edge.cloudstore import StoreError
-from heimdall_edge.resilience import ErrorKind
+from heimdall_edge.cloud.resilience import ErrorKind
+from heimdall_edge.sync.cloudstore import StoreError
 
 if TYPE_CHECKING:
     from heimdall_edge.settings import SyncSettings

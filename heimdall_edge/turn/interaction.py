@@ -21,14 +21,14 @@ from typing import TypeVar
 
 from heimdall_edge.audio import Audio, joined, wav_bytes
 from heimdall_edge.devices.base import Indicator, IndicatorState, Playback, Speaker
-from heimdall_edge.earcon import ERROR_EARCON
 from heimdall_edge.engines.base import Exchange, ReplyRequest, Transcript
-from heimdall_edge.engines.offline_reply import OFFLINE_ACK
+from heimdall_edge.engines.local.offline_reply import OFFLINE_ACK
+from heimdall_edge.listen.earcon import ERROR_EARCON
 from heimdall_edge.listen.endpointer import Utterance
-from heimdall_edge.routing import Answer, Engines
-from heimdall_edge.speculation import Head, Speculation
-from heimdall_edge.spool import Spool, SpoolError, SpoolFullError
+from heimdall_edge.spool.store import Spool, SpoolError, SpoolFullError
 from heimdall_edge.streams import closing, prefetch
+from heimdall_edge.turn.routing import Answer, Engines
+from heimdall_edge.turn.speculation import Head, Speculation
 
 log = logging.getLogger(__name__)
 

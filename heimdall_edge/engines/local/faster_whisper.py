@@ -12,7 +12,7 @@ import numpy as np
 from heimdall_edge.audio import SAMPLE_RATE, Audio
 from heimdall_edge.engines.base import EngineError, Transcript
 from heimdall_edge.engines.hallucinations import screened
-from heimdall_edge.models import whisper_model_dir
+from heimdall_edge.engines.local.models import whisper_model_dir
 from heimdall_edge.settings import SpeechToTextSettings
 
 if TYPE_CHECKING:
