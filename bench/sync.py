@@ -122,7 +122,7 @@ def fresh_store(server: MotoServer) -> None:
 async def reconnect_latency(server: MotoServer, state: Path) -> float:
     """The service's syncer waits offline; the store (and the network) come back: time to first upload."""
     from heimdall_edge.app import builders
-    from heimdall_edge.cloud.resilience import ErrorKind
+    from heimdall_edge.cloud.errors import ErrorKind
     from heimdall_edge.settings import load_settings
 
     settings = load_settings()

@@ -18,7 +18,7 @@ from shared import streams_left_to_the_gc
 
 from heimdall_edge.app import builders
 from heimdall_edge.audio import read_audio
-from heimdall_edge.cloud.resilience import BreakerState
+from heimdall_edge.cloud.breaker import BreakerState
 from heimdall_edge.engines.base import ReplyRequest
 from heimdall_edge.settings import load_settings
 from heimdall_edge.testing.fakecloud import FakeCloud, Fault

@@ -28,7 +28,7 @@ from botocore.config import Config
 from botocore.parsers import ResponseParserError
 from moto_server import MotoServer, use_aws_test_env
 
-from heimdall_edge.cloud.resilience import CloudError, ErrorKind
+from heimdall_edge.cloud.errors import CloudError, ErrorKind
 from heimdall_edge.settings import Settings, SettingsError
 from heimdall_edge.spool.store import CaptureRecord
 from heimdall_edge.sync.cloudstore import (

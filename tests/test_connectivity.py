@@ -13,7 +13,7 @@ from shared import FakeClock
 
 from heimdall_edge.app import builders
 from heimdall_edge.cloud.connectivity import Connectivity, _host_port, tcp_probe
-from heimdall_edge.cloud.resilience import ErrorKind
+from heimdall_edge.cloud.errors import ErrorKind
 from heimdall_edge.settings import load_settings
 
 TIMEOUT = 5.0  # every async test is bounded

@@ -30,7 +30,7 @@ import pytest
 from fake_iot import DeviceCert, FakeIotProvider, TestPki
 from moto_server import DEFAULT_REGION, MotoServer, use_aws_test_env
 
-from heimdall_edge.cloud.resilience import ErrorKind
+from heimdall_edge.cloud.errors import ErrorKind
 from heimdall_edge.settings import Settings, SettingsError, load_settings
 from heimdall_edge.sync.cloudstore import StoreError
 from heimdall_edge.sync.iot_credentials import (

@@ -19,7 +19,7 @@ import pytest
 
 from heimdall_edge.app import builders
 from heimdall_edge.app.appliance import Appliance
-from heimdall_edge.cloud.resilience import BreakerState
+from heimdall_edge.cloud.breaker import BreakerState
 from heimdall_edge.settings import Settings, load_settings
 from heimdall_edge.spool.store import CaptureRecord, Spool
 from heimdall_edge.testing.fakecloud import FakeCloud, Fault

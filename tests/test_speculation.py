@@ -22,7 +22,7 @@ from shared import streams_left_to_the_gc, until
 from heimdall_edge.app import builders
 from heimdall_edge.app.appliance import Appliance
 from heimdall_edge.audio import FRAME_BYTES, Audio, read_audio, silence
-from heimdall_edge.cloud.resilience import BreakerState
+from heimdall_edge.cloud.breaker import BreakerState
 from heimdall_edge.devices.base import Playback
 from heimdall_edge.engines.base import ReplyRequest, Transcript
 from heimdall_edge.listen.endpointer import Endpointer, EndReason, Utterance

@@ -25,8 +25,9 @@ import pytest
 from moto_server import MotoServer, use_aws_test_env
 from shared import FakeClock, until
 
+from heimdall_edge.cloud.breaker import BreakerState, CircuitBreaker
 from heimdall_edge.cloud.connectivity import Connectivity, tcp_probe
-from heimdall_edge.cloud.resilience import BreakerState, CircuitBreaker, ErrorKind
+from heimdall_edge.cloud.errors import ErrorKind
 from heimdall_edge.settings import SyncSettings
 from heimdall_edge.spool.keeper import SpoolKeeper
 from heimdall_edge.spool.store import CaptureRecord, Spool

@@ -16,7 +16,7 @@ from moto_server import MotoServer, heimdall_store_env, use_aws_test_env
 
 from heimdall_edge.app import builders
 from heimdall_edge.audio import Audio, read_audio
-from heimdall_edge.cloud.resilience import CloudError, ErrorKind
+from heimdall_edge.cloud.errors import CloudError, ErrorKind
 from heimdall_edge.engines.base import Transcript
 from heimdall_edge.settings import load_settings
 from heimdall_edge.spool.store import Spool

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit
 
-from heimdall_edge.cloud.resilience import ErrorKind
+from heimdall_edge.cloud.errors import ErrorKind
 
 log = logging.getLogger(__name__)
 

@@ -66,7 +66,8 @@ from boto3.dynamodb.types import TypeSerializer
 from botocore.config import Config
 from botocore.parsers import ResponseParserError
 
-from heimdall_edge.cloud.resilience import CloudError, ErrorKind, classify, parse_retry_after
+from heimdall_edge.cloud.classify import classify, parse_retry_after
+from heimdall_edge.cloud.errors import CloudError, ErrorKind
 from heimdall_edge.spool.store import CaptureRecord, iso_utc
 
 if TYPE_CHECKING:
@@ -1018,7 +1019,7 @@ def _from_transport_error(exc: BaseException, service: str, region: str | None) 
             ErrorKind.CLIENT,
             f"heimdall_edge built a bad {service} request ({name}): report it",
         )
-    # Sockets and anything else: resilience's rules (OSError unreachable -> CONNECTION, ...).
+    # Sockets and anything else: cloud.classify's rules (OSError unreachable -> CONNECTION, ...).
     general = classify(exc, service)
     return StoreError(
         service, general.kind, general.message, status=general.status,

@@ -36,7 +36,7 @@ import botocore.credentials
 import botocore.session
 from cryptography import x509
 
-from heimdall_edge.cloud.resilience import ErrorKind
+from heimdall_edge.cloud.errors import ErrorKind
 from heimdall_edge.sync.cloudstore import StoreError
 
 if TYPE_CHECKING:

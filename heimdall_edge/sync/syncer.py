@@ -51,13 +51,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from heimdall_edge.cloud.resilience import (
-    RETRYABLE,
-    BreakerState,
-    CircuitBreaker,
-    CloudError,
-    ErrorKind,
-)
+from heimdall_edge.cloud.breaker import BreakerState, CircuitBreaker
+from heimdall_edge.cloud.errors import RETRYABLE, CloudError, ErrorKind
 from heimdall_edge.settings import SyncSettings
 from heimdall_edge.spool import lease
 from heimdall_edge.spool.keeper import SpoolKeeper

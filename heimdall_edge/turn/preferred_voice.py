@@ -19,7 +19,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from heimdall_edge.cloud.resilience import CloudError, ErrorKind
+from heimdall_edge.cloud.errors import CloudError, ErrorKind
 from heimdall_edge.turn.routing import Engines
 
 log = logging.getLogger(__name__)

@@ -21,8 +21,10 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from heimdall_edge.audio import Audio
+from heimdall_edge.cloud.classify import classify
 from heimdall_edge.cloud.connectivity import Connectivity
-from heimdall_edge.cloud.resilience import CallPolicy, CloudError, ErrorKind, classify
+from heimdall_edge.cloud.errors import CloudError, ErrorKind
+from heimdall_edge.cloud.policy import CallPolicy
 from heimdall_edge.engines.base import (
     ReplyEngine,
     ReplyRequest,

@@ -21,7 +21,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from heimdall_edge.audio import Audio, AudioError, read_audio
-from heimdall_edge.cloud.resilience import CloudError, ErrorKind
+from heimdall_edge.cloud.errors import CloudError, ErrorKind
 from heimdall_edge.engines.base import Transcript
 from heimdall_edge.spool import lease
 from heimdall_edge.spool.store import (

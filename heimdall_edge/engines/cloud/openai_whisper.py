@@ -1,6 +1,6 @@
 """Cloud speech-to-text: OpenAI's transcription endpoint, one attempt per call.
 
-Retries, deadlines and breakers are the caller's (resilience.CallPolicy): the
+Retries, deadlines and breakers are the caller's (cloud.policy.CallPolicy): the
 client is built with max_retries=0 so the SDK never retries behind our back.
 """
 
