@@ -9,7 +9,7 @@ process while it runs, then the summary table, and any failure with the logs'
 folder (kept on failure, or with --keep; otherwise everything goes: nothing is
 written into the repo).
 
-Usage: python bench/chaos.py [--interactions 300] [--minutes 20] [--seed N]
+Usage: python -m bench.chaos [--interactions 300] [--minutes 20] [--seed N]
        [--kill-probability 0.6] [--mode plain|clock|syncers] [--keep] [--quiet]
 
 `--interactions`: turns to run (captures kept); `--minutes`: stop starting new
@@ -28,10 +28,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.latency import machine
+from tests.chaos_driver import Chaos, ChaosConfig
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "bench"), str(REPO / "tests")]
-from chaos_driver import Chaos, ChaosConfig
-from latency import machine
 
 
 def shared(env: str, name: str) -> Path:

@@ -16,7 +16,7 @@ audio of a voice-cache hit. Then, side by side in the same run:
   recordings of at most 5 s from a real-time microphone through the Listener, so
   the 700 ms hang-over is really waited; capture end -> first audio.
 
-Usage: HEIMDALL_MODELS_DIR=../shared/models python bench/fallback.py [--recordings N]
+Usage: HEIMDALL_MODELS_DIR=../shared/models python -m bench.fallback [--recordings N]
 """
 
 from __future__ import annotations
@@ -27,14 +27,11 @@ import itertools
 import logging
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
-from latency import SPEECH, machine
+from bench.latency import SPEECH, machine
 
 LATENCY_S = {"transcriptions": 0.30, "chat": 0.20, "tts": 0.15}
 HEDGE_MS = 300
@@ -168,8 +165,7 @@ COMMAND_MAX_S = 5.0
 
 async def measure_turns(limit: int | None = None) -> dict:
     """The hung cloud over successive turns and speculative against plain turns (ms)."""
-    from turn_scenarios import speculative_against_plain, successive_turns
-
+    from bench.turn_scenarios import speculative_against_plain, successive_turns
     from heimdall_edge.app import builders
     from heimdall_edge.audio import read_audio
     from heimdall_edge.settings import load_settings
@@ -223,8 +219,7 @@ ONE_DOWN_TURNS = 6
 async def one_service_down(engines, spool, clip) -> dict[str, list[dict]]:
     """OpenAI refusing connections while ElevenLabs answers, and the reverse: each speech
     service on a fake cloud of its own, so that one can be unreachable alone."""
-    from turn_scenarios import successive_turns
-
+    from bench.turn_scenarios import successive_turns
     from heimdall_edge.testing.fakecloud import FakeCloud
 
     names = ("OPENAI", "ELEVENLABS")

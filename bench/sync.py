@@ -7,7 +7,7 @@ Prints, each beside a baseline measured in the same run:
   2. connectivity back -> first upload, for the service's syncer waiting offline;
   3. resume after a crash: SIGKILL `sync --once` part-way, then time the rerun.
 
-Usage: python bench/sync.py [--captures 1000] [--runs 3]
+Usage: python -m bench.sync [--captures 1000] [--runs 3]
 """
 
 from __future__ import annotations
@@ -28,10 +28,8 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "bench"), str(REPO / "tests")]
-from latency import machine
-from moto_server import DEFAULT_REGION, MotoServer, aws_test_env
+from bench.latency import machine
+from heimdall_edge.testing.moto import DEFAULT_REGION, MotoServer, aws_test_env
 
 BUCKET, TABLE = "heimdall-bench", "heimdall-bench-index"
 

@@ -79,8 +79,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from chaos_clock import ClockStepper, SkewCheckingMotoServer, Step, faketime_env
-from chaos_spool import (
+from heimdall_edge.testing.fakecloud import ROUTES, FakeCloud, Fault
+from heimdall_edge.testing.moto import AWS_ENV_TO_UNSET, DEFAULT_REGION, MotoServer, aws_test_env
+from heimdall_edge.turn.backfill import CUT_SHORT
+from tests.chaos_clock import ClockStepper, SkewCheckingMotoServer, Step, faketime_env
+from tests.chaos_spool import (
     CUT_DELETION_LINE,
     OVER_QUOTA_LINE,
     Eviction,
@@ -92,10 +95,6 @@ from chaos_spool import (
     measure_events,
     over_evicted,
 )
-from moto_server import AWS_ENV_TO_UNSET, DEFAULT_REGION, MotoServer, aws_test_env
-
-from heimdall_edge.testing.fakecloud import ROUTES, FakeCloud, Fault
-from heimdall_edge.turn.backfill import CUT_SHORT
 
 BUCKET = "heimdall-chaos"
 TABLE = "heimdall-chaos-index"

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 from gpiozero.pins.mock import MockFactory
-from shared import NotifyListener, until
 
 from heimdall_edge.app import builders
 from heimdall_edge.cli import serve
 from heimdall_edge.settings import load_settings
 from heimdall_edge.spool.store import Spool
+from tests.shared import NotifyListener, until
 
 TIME_REPLY = re.compile(r"^It's \d{1,2}:\d\d [AP]M\.$")
 

@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from shared import streams_left_to_the_gc
 
 from heimdall_edge.app import builders
 from heimdall_edge.audio import read_audio
@@ -23,6 +22,7 @@ from heimdall_edge.engines.base import ReplyRequest
 from heimdall_edge.settings import load_settings
 from heimdall_edge.testing.fakecloud import FakeCloud, Fault
 from heimdall_edge.turn.routing import Engines
+from tests.shared import streams_left_to_the_gc
 
 CLOUD_TEXT = "turn on the porch light"  # what the fake "hears": never what the local model hears
 

@@ -26,7 +26,6 @@ import pytest
 from boto3.dynamodb.types import TypeDeserializer
 from botocore.config import Config
 from botocore.parsers import ResponseParserError
-from moto_server import MotoServer, use_aws_test_env
 
 from heimdall_edge.cloud.errors import CloudError, ErrorKind
 from heimdall_edge.settings import Settings, SettingsError
@@ -40,6 +39,7 @@ from heimdall_edge.sync.cloudstore import (
     classify_aws,
     index_item,
 )
+from heimdall_edge.testing.moto import MotoServer, use_aws_test_env
 
 BUCKET = "heimdall-test"
 TABLE = "heimdall-index"

@@ -9,12 +9,12 @@ from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio
-from shared import FakeClock
 
 from heimdall_edge.app import builders
 from heimdall_edge.cloud.connectivity import Connectivity, _host_port, tcp_probe
 from heimdall_edge.cloud.errors import ErrorKind
 from heimdall_edge.settings import load_settings
+from heimdall_edge.testing.clocks import FakeClock
 
 TIMEOUT = 5.0  # every async test is bounded
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from shared import FakeClock
-
 from heimdall_edge.engines.base import Exchange, ReplyRequest
 from heimdall_edge.engines.cloud.cloud_reply import SYSTEM_PROMPT, CloudReplyEngine
 from heimdall_edge.engines.local.offline_reply import OfflineReplyEngine
+from heimdall_edge.testing.clocks import FakeClock
 from heimdall_edge.turn.conversation import Conversation
 
 

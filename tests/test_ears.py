@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from shared import words
 
 from heimdall_edge.app import builders
 from heimdall_edge.app.appliance import Appliance, Devices
@@ -27,6 +26,7 @@ from heimdall_edge.listen.earcon import FOLLOW_UP_EARCON, WAKE_EARCON
 from heimdall_edge.listen.wakeword import WakeWordDetector
 from heimdall_edge.settings import ListeningSettings, Settings, load_settings
 from heimdall_edge.spool.store import CaptureRecord, Spool
+from heimdall_edge.testing.text import words
 from heimdall_edge.testing.voices import PiperSpeaker, babble, to_pcm
 from heimdall_edge.turn.routing import Engines
 

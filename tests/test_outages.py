@@ -17,8 +17,6 @@ from pathlib import Path
 from typing import Self
 
 import pytest
-from moto_server import MotoServer, heimdall_store_env, use_aws_test_env
-from shared import until
 
 from heimdall_edge.app import builders
 from heimdall_edge.app.appliance import STATUS_FILE, Appliance
@@ -28,9 +26,11 @@ from heimdall_edge.engines.local.offline_reply import OFFLINE_ACK, OfflineReplyE
 from heimdall_edge.settings import Settings, load_settings
 from heimdall_edge.spool.store import CaptureRecord, Spool
 from heimdall_edge.testing.fakecloud import FakeCloud, Fault
+from heimdall_edge.testing.moto import MotoServer, heimdall_store_env, use_aws_test_env
 from heimdall_edge.turn.interaction import FIXED_PHRASES
 from heimdall_edge.turn.preferred_voice import POLL_S, PreferredVoice
 from heimdall_edge.turn.routing import Engines
+from tests.shared import until
 
 TIMEOUT = 120
 REPLY = "The lamp is on."  # no question: no follow-up window between the turns

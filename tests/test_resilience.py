@@ -22,13 +22,13 @@ import httpx2
 import openai
 import pydantic
 import pytest
-from shared import FakeClock
 
 from heimdall_edge.cloud.breaker import BreakerState, CircuitBreaker
 from heimdall_edge.cloud.classify import classify, parse_retry_after
 from heimdall_edge.cloud.connectivity import Connectivity
 from heimdall_edge.cloud.errors import CloudError, ErrorKind
 from heimdall_edge.cloud.policy import CallPolicy, LatencyNorm, RateLimit
+from heimdall_edge.testing.clocks import FakeClock
 
 SECRET = "sk-test-SECRET-0123456789"
 TIMEOUT = 5.0  # every async test is bounded

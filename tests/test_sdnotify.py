@@ -17,6 +17,7 @@ from heimdall_edge.app.sdnotify import (
     socket_address,
     watchdog_interval,
 )
+from heimdall_edge.testing.clocks import FakeClock
 
 TIMEOUT = 5.0
 
@@ -162,16 +163,8 @@ def test_watchdog_interval():
     assert watchdog_interval({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "x"}) is None
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_tick_pings_only_after_a_beat(receiver, caplog):
-    clock = FakeClock()
+    clock = FakeClock(start=100.0)
     with Notifier(receiver.notify_socket) as notifier:
         dog = HealthWatchdog(notifier, 15.0, clock=clock)
         assert dog.active
@@ -257,7 +250,7 @@ class SteppedSleep:
 async def test_run_pings_after_each_beat_and_stops_when_the_loop_wedges(receiver):
     sleep = SteppedSleep()
     with Notifier(receiver.notify_socket) as notifier:
-        dog = HealthWatchdog(notifier, 15.0, clock=FakeClock(), sleep=sleep)
+        dog = HealthWatchdog(notifier, 15.0, clock=FakeClock(start=100.0), sleep=sleep)
         task = asyncio.create_task(dog.run())
 
         async def scenario() -> None:

@@ -30,12 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from moto_server import DEFAULT_REGION, MotoServer, use_aws_test_env
 
 from heimdall_edge.app import builders
 from heimdall_edge.settings import load_settings
 from heimdall_edge.sync.cloudstore import CaptureStore, StoreConfig
 from heimdall_edge.testing.fakecloud import FakeCloud
+from heimdall_edge.testing.moto import DEFAULT_REGION, MotoServer, use_aws_test_env
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "heimdall_edge"

@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from shared import streams_left_to_the_gc, until
 
 from heimdall_edge.app import builders
 from heimdall_edge.app.appliance import Appliance
@@ -32,6 +31,7 @@ from heimdall_edge.testing.fakecloud import FakeCloud, Fault
 from heimdall_edge.turn.interaction import Interaction, answerable
 from heimdall_edge.turn.routing import Engines
 from heimdall_edge.turn.speculation import Speculation
+from tests.shared import streams_left_to_the_gc, until
 
 CLOUD_TEXT = "what is on the shopping list"
 CLOUD_REPLY = "Milk and bread. Anything else?"

@@ -22,8 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from moto_server import MotoServer, use_aws_test_env
-from shared import FakeClock, until
 
 from heimdall_edge.cloud.breaker import BreakerState, CircuitBreaker
 from heimdall_edge.cloud.connectivity import Connectivity, tcp_probe
@@ -33,6 +31,9 @@ from heimdall_edge.spool.keeper import SpoolKeeper
 from heimdall_edge.spool.store import CaptureRecord, Spool
 from heimdall_edge.sync.cloudstore import CaptureStore, PutResult, StoreConfig, index_item
 from heimdall_edge.sync.syncer import SYNC_OFF, Outcome, Syncer, SyncProgress, TokenBucket
+from heimdall_edge.testing.clocks import FakeClock
+from heimdall_edge.testing.moto import MotoServer, use_aws_test_env
+from tests.shared import until
 
 TIMEOUT = 20.0
 BUCKET = "heimdall-sync-test"

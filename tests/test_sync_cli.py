@@ -10,8 +10,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from moto_server import DEFAULT_REGION, MotoServer, heimdall_store_env, use_aws_test_env
-from shared import words
+
+from heimdall_edge.testing.moto import (
+    DEFAULT_REGION,
+    MotoServer,
+    heimdall_store_env,
+    use_aws_test_env,
+)
+from heimdall_edge.testing.text import words
 
 BUCKET, TABLE = "heimdall-test", "heimdall-captures"
 

@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from moto_server import AWS_ENV_TO_UNSET, MotoServer, aws_test_env
 
 from heimdall_edge.spool.store import Spool
+from heimdall_edge.testing.moto import AWS_ENV_TO_UNSET, MotoServer, aws_test_env
 
 REPO = Path(__file__).resolve().parents[1]
 BUCKET = "heimdall-crash-test"

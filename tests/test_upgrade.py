@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from moto_server import MotoServer, heimdall_store_env, use_aws_test_env
 
 from heimdall_edge.app import builders
 from heimdall_edge.audio import Audio, read_audio
@@ -21,6 +20,7 @@ from heimdall_edge.engines.base import Transcript
 from heimdall_edge.settings import load_settings
 from heimdall_edge.spool.store import Spool
 from heimdall_edge.testing.fakecloud import FakeCloud
+from heimdall_edge.testing.moto import MotoServer, heimdall_store_env, use_aws_test_env
 from heimdall_edge.turn.upgrade import ON_DEVICE, Upgrade, upgradable
 
 CLOUD_TEXT = "One, two, three, as the cloud heard it."

@@ -1,1 +1,1 @@
-"""Calling the cloud: error kinds, classification, breaker, call policy, connectivity per service."""
+"""Calling the cloud: error kinds, classification, breaker, call policy, connectivity."""

@@ -119,7 +119,7 @@ class CaptureRecord:
     trigger: Trigger
     files: dict[str, FileInfo]
     transcript: str | None = None
-    """The best transcript: cloud Whisper's once it has heard the audio (heimdall_edge.turn.upgrade)."""
+    """The best transcript: cloud Whisper's once it has heard the audio (turn.upgrade)."""
     transcript_on_device: str | None = None
     """What the device's own engine heard, kept when cloud Whisper's replaced it
     (its engine is engines["stt_on_device"])."""

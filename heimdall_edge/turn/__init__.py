@@ -1,1 +1,1 @@
-"""One turn: keep, transcribe, reply, speak, record; routing, the voice cache, transcripts finished later."""
+"""One turn: keep, transcribe, reply, speak, record; routing, voice cache, later transcripts."""

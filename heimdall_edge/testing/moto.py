@@ -1,6 +1,6 @@
 """A real moto server (S3, DynamoDB, KMS, IAM...) on 127.0.0.1, for loopback tests.
 
-    from moto_server import MotoServer, use_aws_test_env
+    from heimdall_edge.testing.moto import MotoServer, use_aws_test_env
 
     server = MotoServer()
     server.start()                       # a free port, chosen by the OS (bind to port 0)
