@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import shutil
 import sys
 import tempfile
@@ -29,16 +28,15 @@ import time
 from pathlib import Path
 
 from bench.latency import machine
+from heimdall_edge.testing.data import shared_dir
 from tests.chaos_driver import Chaos, ChaosConfig
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def shared(env: str, name: str) -> Path:
-    path = Path(os.environ.get(env) or REPO.parent / "shared" / name)
-    if not path.is_dir():
-        sys.exit(f"{name} not found at {path}: set {env}")
-    return path
+    try:
+        return shared_dir(env, name)
+    except FileNotFoundError as exc:
+        sys.exit(str(exc))
 
 
 MODES: dict[str, dict[str, object]] = {

@@ -35,7 +35,7 @@ from heimdall_edge.app import builders
 from heimdall_edge.settings import load_settings
 from heimdall_edge.sync.cloudstore import CaptureStore, StoreConfig
 from heimdall_edge.testing.fakecloud import FakeCloud
-from heimdall_edge.testing.moto import DEFAULT_REGION, MotoServer, use_aws_test_env
+from heimdall_edge.testing.moto import DEFAULT_REGION, MotoServer, moto_store, use_aws_test_env
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "heimdall_edge"
@@ -78,11 +78,7 @@ class Canaries:
 
 @pytest.fixture
 def store(monkeypatch: pytest.MonkeyPatch) -> Iterator[MotoServer]:
-    use_aws_test_env(monkeypatch)
-    with MotoServer() as server:
-        server.reset()  # moto's state is per process, not per server
-        server.create_bucket(BUCKET)
-        server.create_table(TABLE)
+    with moto_store(monkeypatch, BUCKET, TABLE, heimdall_env=False) as server:
         yield server
         server.reset()
 

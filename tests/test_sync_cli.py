@@ -11,12 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from heimdall_edge.testing.moto import (
-    DEFAULT_REGION,
-    MotoServer,
-    heimdall_store_env,
-    use_aws_test_env,
-)
+from heimdall_edge.testing.moto import DEFAULT_REGION, MotoServer, moto_store
 from heimdall_edge.testing.text import words
 
 BUCKET, TABLE = "heimdall-test", "heimdall-captures"
@@ -24,13 +19,7 @@ BUCKET, TABLE = "heimdall-test", "heimdall-captures"
 
 @pytest.fixture
 def store(monkeypatch: pytest.MonkeyPatch) -> Iterator[MotoServer]:
-    use_aws_test_env(monkeypatch)
-    with MotoServer() as server:
-        server.reset()  # moto's state is per process, not per server
-        server.create_bucket(BUCKET)
-        server.create_table(TABLE)
-        for name, value in heimdall_store_env(server, BUCKET, TABLE).items():
-            monkeypatch.setenv(name, value)
+    with moto_store(monkeypatch, BUCKET, TABLE) as server:
         yield server
 
 

@@ -26,10 +26,12 @@ AccessDenied); `reset()` turns that off again.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
 import urllib.request
+from collections.abc import Iterator
 from typing import Any, Self
 
 import boto3
@@ -96,6 +98,23 @@ def heimdall_store_env(server: MotoServer, bucket: str, table: str | None) -> di
         "HEIMDALL_SYNC__REGION": server.region,
     }
     return env | ({"HEIMDALL_DYNAMODB_TABLE": table} if table else {})
+
+
+@contextlib.contextmanager
+def moto_store(
+    monkeypatch: Any, bucket: str, table: str, *, heimdall_env: bool = True
+) -> Iterator[MotoServer]:
+    """An emptied moto server with `bucket` and `table`, boto3 pointed at it by the test
+    environment (and the appliance's sync as well, with `heimdall_env`), for a fixture."""
+    use_aws_test_env(monkeypatch)
+    with MotoServer() as server:
+        server.reset()  # moto's state is per process, not per server
+        server.create_bucket(bucket)
+        server.create_table(table)
+        if heimdall_env:
+            for name, value in heimdall_store_env(server, bucket, table).items():
+                monkeypatch.setenv(name, value)
+        yield server
 
 
 class _QuietHandler(MotoRequestHandler):
