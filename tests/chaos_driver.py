@@ -103,7 +103,7 @@ CLOUD_MODES = ("healthy", "down", "slow", "429", "500", "garbage")
 MiB = 1024 * 1024
 
 ID = r"\d{8}T\d{9}Z-[0-9a-f]{8}"
-CAPTURE_LINE = re.compile(rf"heimdall_edge\.appliance: capture ({ID}): ")
+CAPTURE_LINE = re.compile(rf"heimdall_edge\.app\.appliance: capture ({ID}): ")
 SYNCED_LINE = re.compile(rf"synced capture ({ID}):")
 NOT_SYNCED_LINE = re.compile(rf"capture ({ID}) not synced: (.*)")
 BACKFILLED_LINE = re.compile(rf"capture ({ID}) cut short, transcribed")
