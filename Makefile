@@ -21,12 +21,12 @@ test: setup
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 bench: models
-	$(VENV)/bin/python bench/latency.py
-	$(VENV)/bin/python bench/fallback.py
-	$(VENV)/bin/python bench/sync.py
+	$(VENV)/bin/python -m bench.latency
+	$(VENV)/bin/python -m bench.fallback
+	$(VENV)/bin/python -m bench.sync
 
 report: models
-	$(VENV)/bin/python bench/report.py
+	$(VENV)/bin/python -m bench.report
 
 # Proof on ARM: install and run the appliance in an emulated aarch64 Debian root
 # (docs/PI.md). Needs root; tens of minutes; not part of `test` nor of .ci/run.

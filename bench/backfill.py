@@ -14,7 +14,7 @@ in one run, on the device's engine (tiny.en, int8):
 
 The upgrade (cloud Whisper on offline transcripts) uses no local CPU; it is not measured here.
 
-Usage: python bench/backfill.py [--runs 7] [--lead-ms 0 1500 2900]
+Usage: python -m bench.backfill [--runs 7] [--lead-ms 0 1500 2900]
 (2900 ms: the 2.2 s live command plus the 700 ms hang-over, the shortest real lead.)
 (HEIMDALL_MODELS_DIR defaults to ../shared/models, HEIMDALL_SPEECH_DIR to ../shared/speech.)
 """
@@ -26,17 +26,15 @@ import asyncio
 import os
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO)]
-
 from heimdall_edge.audio import Audio, read_audio
-from heimdall_edge.engines.faster_whisper import FasterWhisperEngine
+from heimdall_edge.engines.local.faster_whisper import FasterWhisperEngine
 from heimdall_edge.settings import SpeechToTextSettings
+
+REPO = Path(__file__).resolve().parents[1]
 
 LIVE = "v2j_what_time_is_it.wav"
 BACKFILLS = ("ps_goforward.wav", "librivox_sense_sensibility_0870.wav")

@@ -5,7 +5,7 @@ used to do before READY (read and hash every unsynced capture, as Spool.verify d
 timed over the same backlog. The page cache is dropped before each measured run when
 this process may (root), since a Pi reads its SD card, not RAM; the output says which.
 
-Usage: python bench/backlog.py [--gb 2] [--runs 3]
+Usage: python -m bench.backlog [--gb 2] [--runs 3]
 (HEIMDALL_MODELS_DIR defaults to ../shared/models.)
 """
 
@@ -14,18 +14,16 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "bench")]
-
-from latency import time_to_ready
 from tqdm import tqdm
 
-from heimdall_edge.spool import Spool
+from bench.latency import time_to_ready
+from heimdall_edge.spool.store import Spool
+
+REPO = Path(__file__).resolve().parents[1]
 
 CAPTURE_MB = 8
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")

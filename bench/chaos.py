@@ -9,7 +9,7 @@ process while it runs, then the summary table, and any failure with the logs'
 folder (kept on failure, or with --keep; otherwise everything goes: nothing is
 written into the repo).
 
-Usage: python bench/chaos.py [--interactions 300] [--minutes 20] [--seed N]
+Usage: python -m bench.chaos [--interactions 300] [--minutes 20] [--seed N]
        [--kill-probability 0.6] [--mode plain|clock|syncers] [--keep] [--quiet]
 
 `--interactions`: turns to run (captures kept); `--minutes`: stop starting new
@@ -21,24 +21,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "bench"), str(REPO / "tests")]
-from chaos_driver import Chaos, ChaosConfig
-from latency import machine
+from bench.latency import machine
+from heimdall_edge.testing.data import shared_dir
+from tests.chaos_driver import Chaos, ChaosConfig
 
 
 def shared(env: str, name: str) -> Path:
-    path = Path(os.environ.get(env) or REPO.parent / "shared" / name)
-    if not path.is_dir():
-        sys.exit(f"{name} not found at {path}: set {env}")
-    return path
+    try:
+        return shared_dir(env, name)
+    except FileNotFoundError as exc:
+        sys.exit(str(exc))
 
 
 MODES: dict[str, dict[str, object]] = {

@@ -16,7 +16,7 @@ audio of a voice-cache hit. Then, side by side in the same run:
   recordings of at most 5 s from a real-time microphone through the Listener, so
   the 700 ms hang-over is really waited; capture end -> first audio.
 
-Usage: HEIMDALL_MODELS_DIR=../shared/models python bench/fallback.py [--recordings N]
+Usage: HEIMDALL_MODELS_DIR=../shared/models python -m bench.fallback [--recordings N]
 """
 
 from __future__ import annotations
@@ -27,14 +27,11 @@ import itertools
 import logging
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
-from latency import SPEECH, machine
+from bench.latency import SPEECH, machine
 
 LATENCY_S = {"transcriptions": 0.30, "chat": 0.20, "tts": 0.15}
 HEDGE_MS = 300
@@ -59,15 +56,15 @@ async def measure(limit: int | None = None) -> dict:
     Sets HEIMDALL_* variables in os.environ as it goes (state dir, hedge delays, the fake
     cloud's URLs and keys): callers that go on afterwards should restore the environment.
     """
-    from heimdall_edge import builders
+    from heimdall_edge.app import builders
     from heimdall_edge.audio import read_audio
     from heimdall_edge.devices.speaker import WavFileSpeaker
-    from heimdall_edge.fakecloud import FakeCloud, Fault
-    from heimdall_edge.interaction import Interaction
     from heimdall_edge.listen.endpointer import EndReason, Utterance
-    from heimdall_edge.routing import Engines
     from heimdall_edge.settings import load_settings
-    from heimdall_edge.spool import Spool
+    from heimdall_edge.spool.store import Spool
+    from heimdall_edge.testing.fakecloud import FakeCloud, Fault
+    from heimdall_edge.turn.interaction import Interaction
+    from heimdall_edge.turn.routing import Engines
 
     class QuietIndicator:
         def show(self, state: object) -> None:
@@ -168,13 +165,12 @@ COMMAND_MAX_S = 5.0
 
 async def measure_turns(limit: int | None = None) -> dict:
     """The hung cloud over successive turns and speculative against plain turns (ms)."""
-    from turn_scenarios import speculative_against_plain, successive_turns
-
-    from heimdall_edge import builders
+    from bench.turn_scenarios import speculative_against_plain, successive_turns
+    from heimdall_edge.app import builders
     from heimdall_edge.audio import read_audio
-    from heimdall_edge.fakecloud import FakeCloud, Fault
     from heimdall_edge.settings import load_settings
-    from heimdall_edge.spool import Spool
+    from heimdall_edge.spool.store import Spool
+    from heimdall_edge.testing.fakecloud import FakeCloud, Fault
 
     state = Path(tempfile.mkdtemp(prefix="heimdall-bench-"))
     for name in [k for k in os.environ if k.startswith("HEIMDALL_RESILIENCE__")]:
@@ -223,9 +219,8 @@ ONE_DOWN_TURNS = 6
 async def one_service_down(engines, spool, clip) -> dict[str, list[dict]]:
     """OpenAI refusing connections while ElevenLabs answers, and the reverse: each speech
     service on a fake cloud of its own, so that one can be unreachable alone."""
-    from turn_scenarios import successive_turns
-
-    from heimdall_edge.fakecloud import FakeCloud
+    from bench.turn_scenarios import successive_turns
+    from heimdall_edge.testing.fakecloud import FakeCloud
 
     names = ("OPENAI", "ELEVENLABS")
     saved = {k: os.environ[k] for n in names for k in (f"HEIMDALL_{n}_BASE_URL", f"{n}_API_KEY")}

@@ -8,7 +8,7 @@ Prints medians of several runs, each beside a baseline measured in the same run:
   3. RSS with both models loaded; baseline: the interpreter with the package imported;
   4. start-up to READY=1 of `heimdall-edge run --simulate`; baseline: importing the CLI.
 
-Usage: HEIMDALL_MODELS_DIR=../shared/models python bench/latency.py [--runs 5]
+Usage: HEIMDALL_MODELS_DIR=../shared/models python -m bench.latency [--runs 5]
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+
 SPEECH = Path(os.environ.get("HEIMDALL_SPEECH_DIR", REPO.parent / "shared" / "speech"))
 RECORDINGS = [
     "v2j_what_time_is_it.wav",
@@ -58,8 +59,8 @@ async def turns(
     """Stage timings (ms) of `runs` whole turns per recording, after one dropped warm-up turn each."""
     from gpiozero.pins.mock import MockFactory
 
-    from heimdall_edge import builders
-    from heimdall_edge.appliance import Appliance
+    from heimdall_edge.app import builders
+    from heimdall_edge.app.appliance import Appliance
     from heimdall_edge.settings import load_settings
 
     settings = load_settings()
@@ -101,7 +102,7 @@ def rss_mib(code: str) -> float:
 
 LOAD_MODELS = """
 import asyncio
-from heimdall_edge import builders
+from heimdall_edge.app import builders
 from heimdall_edge.audio import read_audio
 from heimdall_edge.settings import load_settings
 async def main():

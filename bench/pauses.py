@@ -8,20 +8,16 @@ makes three (transcription, reply, speech), a dropped one at most three, and a t
 without speculation makes three. The head start is what is left of the hang-over
 (silence_ms) once the pause is confirmed.
 
-Usage: HEIMDALL_SPEECH_DIR=../shared/speech python bench/pauses.py [--vad silero|webrtc]
+Usage: HEIMDALL_SPEECH_DIR=../shared/speech python -m bench.pauses [--vad silero|webrtc]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
-from latency import SPEECH, machine
-
+from bench.latency import SPEECH, machine
 from heimdall_edge.audio import FRAME_BYTES, read_audio, silence
 from heimdall_edge.listen.endpointer import Endpointer
 from heimdall_edge.settings import ListeningSettings

@@ -15,7 +15,7 @@ webrtcvad. Both hear the same streams in the same run: Piper's voice (paces
   7. the device's own voice: captures while and after it speaks (devices/room.py).
 A benchmark: it prints figures, it never passes or fails.
 
-Usage: python bench/room.py [--quick] [--negatives-minutes 30] [--seed 0] [--markdown]
+Usage: python -m bench.room [--quick] [--negatives-minutes 30] [--seed 0] [--markdown]
 (HEIMDALL_MODELS_DIR defaults to ../shared/models, HEIMDALL_SPEECH_DIR to ../shared/speech.)
 """
 
@@ -32,15 +32,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "bench")]
-
-import report  # it puts tests/ on the path too
-import room_listen
-from room_barge import barge_in_section
-from room_cpu import cpu_section
-from room_listen import pool_map, run_negative, run_positive
-from room_material import (
+from bench import report, room_listen
+from bench.room_barge import barge_in_section
+from bench.room_cpu import cpu_section
+from bench.room_listen import pool_map, run_negative, run_positive
+from bench.room_material import (
     BASELINE,
     SETTINGS_GRID,
     Material,
@@ -51,7 +47,7 @@ from room_material import (
     new_front_end,
     wake_model,
 )
-from room_tables import (
+from bench.room_tables import (
     Printer,
     detection,
     endpointing,
@@ -60,10 +56,11 @@ from room_tables import (
     negative_hours,
     words_kept,
 )
-
 from heimdall_edge.audio import FRAME_MS, SAMPLE_RATE, Audio
 from heimdall_edge.settings import BUILTIN_WAKE_WORDS, ListeningSettings
 from heimdall_edge.testing import voices
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def choose_wake_word(

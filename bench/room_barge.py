@@ -9,9 +9,9 @@ of the reasons for the default wake word.
 from __future__ import annotations
 
 import numpy as np
-from room_material import FLOOR_DBFS, SPEECH_DBFS, Material, wake_model
-from room_tables import Printer, pct
 
+from bench.room_material import FLOOR_DBFS, SPEECH_DBFS, Material, wake_model
+from bench.room_tables import Printer, pct
 from heimdall_edge.audio import FRAME_SAMPLES, SAMPLE_RATE
 from heimdall_edge.audio import frames as split_frames
 from heimdall_edge.listen.wakeword import WakeWordDetector

@@ -12,10 +12,17 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-import report
-from room_material import FLOOR_DBFS, SPEECH_DBFS, Acoustics, Material, _noise_loop, in_the_room
-from room_tables import Printer
 
+from bench import report
+from bench.room_material import (
+    FLOOR_DBFS,
+    SPEECH_DBFS,
+    Acoustics,
+    Material,
+    _noise_loop,
+    in_the_room,
+)
+from bench.room_tables import Printer
 from heimdall_edge.audio import FRAME_MS, SAMPLE_RATE
 from heimdall_edge.audio import frames as split_frames
 from heimdall_edge.listen.frontend import NoiseAndGain

@@ -18,7 +18,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from room_material import (
+from bench.room_material import (
     BASELINE,
     LEAD_S,
     START_SLACK_MS,
@@ -27,12 +27,11 @@ from room_material import (
     Positive,
     positive_stream,
 )
-from shared import words
-
 from heimdall_edge.audio import FRAME_BYTES, FRAME_MS, FRAME_SAMPLES, SAMPLE_RATE, Audio
 from heimdall_edge.devices.base import MicrophoneEnded
 from heimdall_edge.settings import ListeningSettings
 from heimdall_edge.testing import voices
+from heimdall_edge.testing.text import words
 
 
 @dataclass(frozen=True)
@@ -96,7 +95,7 @@ async def listen(
 
 @cache
 def whisper() -> Any:
-    from heimdall_edge.engines.faster_whisper import FasterWhisperEngine
+    from heimdall_edge.engines.local.faster_whisper import FasterWhisperEngine
     from heimdall_edge.settings import SpeechToTextSettings
 
     models = Path(os.environ["HEIMDALL_MODELS_DIR"])

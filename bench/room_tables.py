@@ -8,8 +8,9 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
-from room_listen import Capture
-from room_material import (
+
+from bench.room_listen import Capture
+from bench.room_material import (
     BASELINE,
     KINDS,
     NOISES,
@@ -21,10 +22,9 @@ from room_material import (
     cutoffs,
     wake_model,
 )
-from shared import words
-
 from heimdall_edge.audio import FRAME_SAMPLES
 from heimdall_edge.settings import BUILTIN_WAKE_WORDS
+from heimdall_edge.testing.text import words
 
 
 def pct(hits: int, n: int) -> str:

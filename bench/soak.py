@@ -41,7 +41,7 @@ has run before the reference is taken. Growth = median of the samples over the l
 cycle(s) against the median over the cycle(s) right after the warm-up; windows of whole
 cycles see the same mix of faults, so the comparison is like for like.
 
-Usage: HEIMDALL_MODELS_DIR=../shared/models python bench/soak.py --interactions 500
+Usage: HEIMDALL_MODELS_DIR=../shared/models python -m bench.soak --interactions 500
        [--every 5] [--store quota|moto] [--plot soak.png]
 """
 
@@ -70,6 +70,7 @@ from typing import Any
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
+
 SPEECH = Path(os.environ.get("HEIMDALL_SPEECH_DIR", REPO.parent / "shared" / "speech"))
 MODELS = Path(os.environ.get("HEIMDALL_MODELS_DIR", REPO.parent / "shared" / "models"))
 
@@ -137,7 +138,7 @@ MOTO_ENV = {
 # ---- the children: fake cloud and moto, each in its own process -------------------------------
 def _child_fakecloud() -> None:
     """The fake cloud; reads one JSON command per line ({"faults": ..., "refuse": ...}), answers ok."""
-    from heimdall_edge.fakecloud import FakeCloud, Fault
+    from heimdall_edge.testing.fakecloud import FakeCloud, Fault
 
     asked = itertools.cycle(["what time is it", "what can you see", "what's the date today"])
     answer = itertools.count()
@@ -161,8 +162,7 @@ def _child_fakecloud() -> None:
 
 def _child_moto() -> None:
     """moto's S3 and DynamoDB with a bucket and a table; runs until stdin closes."""
-    sys.path.insert(0, str(REPO / "tests"))
-    from moto_server import MotoServer, aws_test_env
+    from heimdall_edge.testing.moto import MotoServer, aws_test_env
 
     os.environ.update(aws_test_env())
     server = MotoServer()
@@ -186,11 +186,11 @@ def _child_moto() -> None:
 
 
 class Child:
-    """`python bench/soak.py --child KIND` with a line protocol on stdin/stdout."""
+    """`python -m bench.soak --child KIND` with a line protocol on stdin/stdout."""
 
     def __init__(self, kind: str) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--child", kind],
+            [sys.executable, "-m", "bench.soak", "--child", kind],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -425,8 +425,7 @@ async def soak(
         "WATCHDOG_USEC",
     )
     if moto is not None:
-        sys.path.insert(0, str(REPO / "tests"))
-        from moto_server import AWS_ENV_TO_UNSET
+        from heimdall_edge.testing.moto import AWS_ENV_TO_UNSET
 
         env.update(MOTO_ENV)
         env.update(moto.env)
@@ -462,8 +461,8 @@ async def _soak(plan: _Plan, cloud: Child, tally: _Tally) -> SoakResult:
 
     from gpiozero.pins.mock import MockFactory
 
-    from heimdall_edge import builders
-    from heimdall_edge.appliance import Appliance
+    from heimdall_edge.app import builders
+    from heimdall_edge.app.appliance import Appliance
     from heimdall_edge.settings import load_settings
 
     turns, warmup, every, clips = plan.turns, plan.warmup, plan.every, plan.clips
@@ -724,8 +723,7 @@ def main() -> None:
     except ValueError as exc:
         parser.error(str(exc))
 
-    sys.path.insert(0, str(REPO / "bench"))
-    from latency import machine
+    from bench.latency import machine
 
     with tempfile.TemporaryDirectory(prefix="heimdall-soak-") as tmp:
         result = asyncio.run(

@@ -7,7 +7,7 @@ Prints, each beside a baseline measured in the same run:
   2. connectivity back -> first upload, for the service's syncer waiting offline;
   3. resume after a crash: SIGKILL `sync --once` part-way, then time the rerun.
 
-Usage: python bench/sync.py [--captures 1000] [--runs 3]
+Usage: python -m bench.sync [--captures 1000] [--runs 3]
 """
 
 from __future__ import annotations
@@ -28,10 +28,8 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "bench"), str(REPO / "tests")]
-from latency import machine
-from moto_server import DEFAULT_REGION, MotoServer, aws_test_env
+from bench.latency import machine
+from heimdall_edge.testing.moto import DEFAULT_REGION, MotoServer, aws_test_env
 
 BUCKET, TABLE = "heimdall-bench", "heimdall-bench-index"
 
@@ -39,7 +37,7 @@ BUCKET, TABLE = "heimdall-bench", "heimdall-bench-index"
 def make_spool(root: Path, count: int) -> int:
     """A spool of `count` captures (2 s of audio and one ~40 KB frame each); returns the bytes."""
     from heimdall_edge.audio import noise, wav_bytes
-    from heimdall_edge.spool import Spool
+    from heimdall_edge.spool.store import Spool
 
     rng = np.random.default_rng(0)
     total = 0
@@ -121,8 +119,8 @@ def fresh_store(server: MotoServer) -> None:
 
 async def reconnect_latency(server: MotoServer, state: Path) -> float:
     """The service's syncer waits offline; the store (and the network) come back: time to first upload."""
-    from heimdall_edge import builders
-    from heimdall_edge.resilience import ErrorKind
+    from heimdall_edge.app import builders
+    from heimdall_edge.cloud.errors import ErrorKind
     from heimdall_edge.settings import load_settings
 
     settings = load_settings()

@@ -18,13 +18,13 @@ from typing import Any
 from heimdall_edge.audio import Audio, read_audio, silence
 from heimdall_edge.devices.microphone import FileMicrophone
 from heimdall_edge.devices.speaker import WavFileSpeaker
-from heimdall_edge.interaction import Interaction, answerable
 from heimdall_edge.listen.endpointer import EndReason, Utterance
 from heimdall_edge.listen.listener import build_listener
-from heimdall_edge.routing import Engines
 from heimdall_edge.settings import load_settings
-from heimdall_edge.speculation import Speculation
-from heimdall_edge.spool import Spool
+from heimdall_edge.spool.store import Spool
+from heimdall_edge.turn.interaction import Interaction, answerable
+from heimdall_edge.turn.routing import Engines
+from heimdall_edge.turn.speculation import Speculation
 
 MakeEngines = Callable[[], Engines]
 

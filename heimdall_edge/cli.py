@@ -19,15 +19,15 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
-from heimdall_edge import builders
-from heimdall_edge.appliance import Devices
+from heimdall_edge.app import builders
+from heimdall_edge.app.appliance import Devices
+from heimdall_edge.app.visible import VisibleFormatter, visible, visible_json
 from heimdall_edge.audio import AudioError, read_audio
 from heimdall_edge.devices.base import DeviceError, MicrophoneEnded
 from heimdall_edge.engines.base import EngineError
 from heimdall_edge.settings import Settings, SettingsError, load_settings
-from heimdall_edge.spool import CaptureRecord, SpoolError
-from heimdall_edge.sync import Syncer, SyncProgress, SyncReport
-from heimdall_edge.visible import VisibleFormatter, visible, visible_json
+from heimdall_edge.spool.store import CaptureRecord, SpoolError
+from heimdall_edge.sync.syncer import Syncer, SyncProgress, SyncReport
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 captures_app = typer.Typer(help="List captures kept on the device, or show one.")
@@ -168,8 +168,8 @@ def run(
 
 async def serve(settings: Settings, devices: Devices, *, simulate: bool = False) -> None:
     """The service until SIGTERM/SIGINT: start, serve turns, stop gracefully, close devices."""
-    from heimdall_edge.appliance import Appliance
-    from heimdall_edge.sdnotify import Notifier, extending_startup
+    from heimdall_edge.app.appliance import Appliance
+    from heimdall_edge.app.sdnotify import Notifier, extending_startup
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -282,7 +282,7 @@ def _demo_wake_phrase(settings: Settings, trigger: str | None) -> str | None:
 async def _demo(
     settings: Settings, said: bytes, wake_phrase: str | None, room: dict[str, Any]
 ) -> Any:
-    from heimdall_edge.appliance import Appliance
+    from heimdall_edge.app.appliance import Appliance
     from heimdall_edge.audio import SAMPLE_RATE, joined, silence
 
     mode = "voice" if wake_phrase else "button"
@@ -485,7 +485,7 @@ def _summary(record: CaptureRecord) -> dict[str, Any]:
 @app.command()
 def doctor() -> None:
     """Check settings, devices, models, disk and credentials: one line each, with the fix."""
-    from heimdall_edge.doctor import Level, run_checks
+    from heimdall_edge.app.doctor import Level, run_checks
 
     try:
         settings = _settings()

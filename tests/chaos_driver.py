@@ -79,8 +79,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from chaos_clock import ClockStepper, SkewCheckingMotoServer, Step, faketime_env
-from chaos_spool import (
+from heimdall_edge.testing.fakecloud import ROUTES, FakeCloud, Fault
+from heimdall_edge.testing.moto import AWS_ENV_TO_UNSET, DEFAULT_REGION, MotoServer, aws_test_env
+from heimdall_edge.turn.backfill import CUT_SHORT
+from tests.chaos_clock import ClockStepper, SkewCheckingMotoServer, Step, faketime_env
+from tests.chaos_spool import (
     CUT_DELETION_LINE,
     OVER_QUOTA_LINE,
     Eviction,
@@ -92,10 +95,6 @@ from chaos_spool import (
     measure_events,
     over_evicted,
 )
-from moto_server import AWS_ENV_TO_UNSET, DEFAULT_REGION, MotoServer, aws_test_env
-
-from heimdall_edge.backfill import CUT_SHORT
-from heimdall_edge.fakecloud import ROUTES, FakeCloud, Fault
 
 BUCKET = "heimdall-chaos"
 TABLE = "heimdall-chaos-index"
@@ -104,7 +103,7 @@ CLOUD_MODES = ("healthy", "down", "slow", "429", "500", "garbage")
 MiB = 1024 * 1024
 
 ID = r"\d{8}T\d{9}Z-[0-9a-f]{8}"
-CAPTURE_LINE = re.compile(rf"heimdall_edge\.appliance: capture ({ID}): ")
+CAPTURE_LINE = re.compile(rf"heimdall_edge\.app\.appliance: capture ({ID}): ")
 SYNCED_LINE = re.compile(rf"synced capture ({ID}):")
 NOT_SYNCED_LINE = re.compile(rf"capture ({ID}) not synced: (.*)")
 BACKFILLED_LINE = re.compile(rf"capture ({ID}) cut short, transcribed")
@@ -1097,7 +1096,7 @@ class Chaos:
     # -- the checks ------------------------------------------------------------------------------
 
     def check(self, server: MotoServer) -> None:
-        from heimdall_edge.spool import Spool
+        from heimdall_edge.spool.store import Spool
 
         report, fail, config = self.report, self.report.failures.append, self.config
         with Spool(self.spool_dir) as spool:

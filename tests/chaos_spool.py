@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from heimdall_edge import lease
+from heimdall_edge.spool import lease
 
 CAPTURE_ID = r"\d{8}T\d{9}Z-[0-9a-f]{8}"
 MAKING_ROOM_LINE = re.compile(

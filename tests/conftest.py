@@ -8,18 +8,17 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from heimdall_edge.engines.faster_whisper import FasterWhisperEngine
-from heimdall_edge.engines.piper import PiperEngine
+from heimdall_edge.engines.local.faster_whisper import FasterWhisperEngine
+from heimdall_edge.engines.local.piper import PiperEngine
 from heimdall_edge.settings import SpeechToTextSettings, TextToSpeechSettings
-
-REPO = Path(__file__).resolve().parents[1]
+from heimdall_edge.testing.data import shared_dir
 
 
 def _shared_dir(env: str, name: str) -> Path:
-    path = Path(os.environ.get(env) or REPO.parent / "shared" / name)
-    if not path.is_dir():
-        pytest.fail(f"{name} not found at {path}: set {env} (CI sets it to ../shared/{name})")
-    return path
+    try:
+        return shared_dir(env, name)
+    except FileNotFoundError as exc:
+        pytest.fail(f"{exc} (CI sets it to ../shared/{name})")
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ import gc
 import json
 import os
 import pty
-import re
 import select
 import socket
 import subprocess
@@ -23,25 +22,6 @@ from typing import Any
 import heimdall_edge
 
 PACKAGE = Path(heimdall_edge.__file__).parent
-
-
-class FakeClock:
-    """A monotonic clock that only moves when told, and a sleep that moves it."""
-
-    def __init__(self, start: float = 1000.0) -> None:
-        self.now = start
-        self.sleeps: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-    async def sleep(self, seconds: float) -> None:
-        self.sleeps.append(float(seconds))
-        self.now += seconds
-        await asyncio.sleep(0)
 
 
 class NotifyListener:
@@ -93,11 +73,6 @@ async def until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         await asyncio.sleep(0.05)
-
-
-def words(text: str) -> str:
-    """Text reduced to lowercase words, for word error rates."""
-    return " ".join(re.sub(r"[^a-z0-9' ]+", " ", text.lower()).split())
 
 
 def run_with_alsa_config(tmp_path: Path, asoundrc: str, child: str, args: dict) -> dict:

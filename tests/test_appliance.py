@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 from gpiozero.pins.mock import MockFactory
-from shared import NotifyListener, until
 
-from heimdall_edge import builders
+from heimdall_edge.app import builders
 from heimdall_edge.cli import serve
 from heimdall_edge.settings import load_settings
-from heimdall_edge.spool import Spool
+from heimdall_edge.spool.store import Spool
+from tests.shared import NotifyListener, until
 
 TIME_REPLY = re.compile(r"^It's \d{1,2}:\d\d [AP]M\.$")
 
@@ -157,10 +157,10 @@ async def test_sigterm_mid_utterance_keeps_what_was_said(
 async def test_button_press_while_speaking_stops_the_reply(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, models_dir: Path, speech_dir: Path, piper
 ) -> None:
-    from heimdall_edge.appliance import Appliance
+    from heimdall_edge.app.appliance import Appliance
     from heimdall_edge.engines.base import ReplyRequest
-    from heimdall_edge.engines.offline_reply import OfflineReplyEngine
-    from heimdall_edge.routing import Engines
+    from heimdall_edge.engines.local.offline_reply import OfflineReplyEngine
+    from heimdall_edge.turn.routing import Engines
 
     long_reply = " ".join(["Here is a very long answer that keeps going."] * 8)
 

@@ -9,18 +9,18 @@ from pathlib import Path
 
 import pytest
 
-from heimdall_edge import builders
+from heimdall_edge.app import builders
 from heimdall_edge.audio import Audio, read_audio
-from heimdall_edge.backfill import CUT_SHORT, Backfill, cut_short
 from heimdall_edge.engines.base import Transcript
-from heimdall_edge.fakecloud import FakeCloud
 from heimdall_edge.settings import load_settings
-from heimdall_edge.spool import Spool
+from heimdall_edge.spool.store import Spool
+from heimdall_edge.testing.fakecloud import FakeCloud
+from heimdall_edge.turn.backfill import CUT_SHORT, Backfill, cut_short
 
 LEFT_BY_A_DEAD_PROCESS = """
 import sys
 from heimdall_edge.audio import read_audio
-from heimdall_edge.spool import Spool
+from heimdall_edge.spool.store import Spool
 with Spool(sys.argv[1]) as spool:
     record = spool.create(device_id="pi-test", trigger="button", frames=[], leased=True,
                           audio_wav=read_audio(sys.argv[2]).to_wav())

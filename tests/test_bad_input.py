@@ -26,19 +26,20 @@ import jiwer
 import numpy as np
 import pytest
 import soundfile
-from shared import until, words
 
-from heimdall_edge import builders
-from heimdall_edge.appliance import Appliance, Devices
+from heimdall_edge.app import builders
+from heimdall_edge.app.appliance import Appliance, Devices
 from heimdall_edge.audio import SAMPLE_RATE, AudioError, frames, read_audio, silence
 from heimdall_edge.devices.base import DeviceError
 from heimdall_edge.devices.microphone import PyAudioMicrophone
 from heimdall_edge.devices.speaker import WavFileSpeaker
-from heimdall_edge.engines.offline_reply import OfflineReplyEngine
-from heimdall_edge.interaction import SAY_STORAGE_FULL
-from heimdall_edge.routing import Engines
+from heimdall_edge.engines.local.offline_reply import OfflineReplyEngine
 from heimdall_edge.settings import MicrophoneSettings, load_settings
-from heimdall_edge.spool import Spool
+from heimdall_edge.spool.store import Spool
+from heimdall_edge.testing.text import words
+from heimdall_edge.turn.interaction import SAY_STORAGE_FULL
+from heimdall_edge.turn.routing import Engines
+from tests.shared import until
 
 REPO = Path(__file__).resolve().parents[1]
 SPEECH = "ls_1089-134691-0001.flac"  # 5.4 s, 16 kHz: "for a full hour he had paced up and down..."

@@ -49,8 +49,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from chaos_clock import probe_steps
-from chaos_driver import Chaos, ChaosConfig, ChaosReport
+
+from tests.chaos_clock import probe_steps
+from tests.chaos_driver import Chaos, ChaosConfig, ChaosReport
 
 INTERACTIONS = 40
 MINUTES = 0.75  # no new service process after this, so the test stays well under 90 s

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import jiwer
 import pytest
-from shared import on_a_terminal, words
 
-from heimdall_edge import builders
+from heimdall_edge.app import builders
 from heimdall_edge.audio import Audio
 from heimdall_edge.settings import load_settings
+from heimdall_edge.testing.text import words
+from tests.shared import on_a_terminal
 
 TIME_REPLY = re.compile(r"^It's \d{1,2}:\d\d [AP]M\.$")
 

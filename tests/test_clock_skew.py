@@ -16,10 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-from chaos_clock import SkewCheckingMotoServer, faketime_env, write_offset
-from moto_server import AWS_ENV_TO_UNSET, aws_test_env
-
-from heimdall_edge.spool import Spool
+from heimdall_edge.spool.store import Spool
+from heimdall_edge.testing.moto import AWS_ENV_TO_UNSET, aws_test_env
+from tests.chaos_clock import SkewCheckingMotoServer, faketime_env, write_offset
 
 BUCKET, TABLE = "heimdall-skew", "heimdall-skew-index"
 

@@ -14,15 +14,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from shared import streams_left_to_the_gc
 
-from heimdall_edge import builders
+from heimdall_edge.app import builders
 from heimdall_edge.audio import read_audio
+from heimdall_edge.cloud.breaker import BreakerState
 from heimdall_edge.engines.base import ReplyRequest
-from heimdall_edge.fakecloud import FakeCloud, Fault
-from heimdall_edge.resilience import BreakerState
-from heimdall_edge.routing import Engines
 from heimdall_edge.settings import load_settings
+from heimdall_edge.testing.fakecloud import FakeCloud, Fault
+from heimdall_edge.turn.routing import Engines
+from tests.shared import streams_left_to_the_gc
 
 CLOUD_TEXT = "turn on the porch light"  # what the fake "hears": never what the local model hears
 
@@ -277,7 +277,7 @@ async def test_voice_cache_hit_needs_no_network(engines: Engines, cloud: FakeClo
 async def test_fixed_phrases_are_rendered_locally_and_play_offline(
     engines: Engines, cloud: FakeCloud
 ) -> None:
-    from heimdall_edge.interaction import FIXED_PHRASES
+    from heimdall_edge.turn.interaction import FIXED_PHRASES
 
     assert await engines.prerender(FIXED_PHRASES) == len(FIXED_PHRASES)
     assert await engines.prerender(FIXED_PHRASES) == 0  # already there

@@ -12,10 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from shared import on_a_terminal
 
-from heimdall_edge.fakecloud import FakeCloud, Fault
-from heimdall_edge.interaction import SAY_NOT_UNDERSTOOD
+from heimdall_edge.testing.fakecloud import FakeCloud, Fault
+from heimdall_edge.turn.interaction import SAY_NOT_UNDERSTOOD
+from tests.shared import on_a_terminal
 
 CLOUD_TEXT = "what time is it in the cloud"
 

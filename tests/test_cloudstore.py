@@ -26,9 +26,11 @@ import pytest
 from boto3.dynamodb.types import TypeDeserializer
 from botocore.config import Config
 from botocore.parsers import ResponseParserError
-from moto_server import MotoServer, use_aws_test_env
 
-from heimdall_edge.cloudstore import (
+from heimdall_edge.cloud.errors import CloudError, ErrorKind
+from heimdall_edge.settings import Settings, SettingsError
+from heimdall_edge.spool.store import CaptureRecord
+from heimdall_edge.sync.cloudstore import (
     READ_BLOCK,
     CaptureStore,
     PutResult,
@@ -37,9 +39,7 @@ from heimdall_edge.cloudstore import (
     classify_aws,
     index_item,
 )
-from heimdall_edge.resilience import CloudError, ErrorKind
-from heimdall_edge.settings import Settings, SettingsError
-from heimdall_edge.spool import CaptureRecord
+from heimdall_edge.testing.moto import MotoServer, use_aws_test_env
 
 BUCKET = "heimdall-test"
 TABLE = "heimdall-index"

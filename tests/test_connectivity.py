@@ -9,12 +9,12 @@ from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio
-from shared import FakeClock
 
-from heimdall_edge import builders
-from heimdall_edge.connectivity import Connectivity, _host_port, tcp_probe
-from heimdall_edge.resilience import ErrorKind
+from heimdall_edge.app import builders
+from heimdall_edge.cloud.connectivity import Connectivity, _host_port, tcp_probe
+from heimdall_edge.cloud.errors import ErrorKind
 from heimdall_edge.settings import load_settings
+from heimdall_edge.testing.clocks import FakeClock
 
 TIMEOUT = 5.0  # every async test is bounded
 
@@ -55,7 +55,7 @@ def test_starts_online() -> None:
 
 
 def test_offline_after_consecutive_network_failures(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="heimdall_edge.connectivity")
+    caplog.set_level(logging.INFO, logger="heimdall_edge.cloud.connectivity")
     connectivity, _ = make(offline_after=2)
     seen: list[bool] = []
     connectivity.subscribe(seen.append)
@@ -370,7 +370,7 @@ async def test_each_service_probes_its_own_host_and_is_down_alone(
 def test_the_store_is_probed_at_its_regional_endpoint_without_an_endpoint_url(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from heimdall_edge.cloudstore import CaptureStore, StoreConfig
+    from heimdall_edge.sync.cloudstore import CaptureStore, StoreConfig
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from shared import FakeClock
-
-from heimdall_edge.conversation import Conversation
 from heimdall_edge.engines.base import Exchange, ReplyRequest
-from heimdall_edge.engines.cloud_reply import SYSTEM_PROMPT, CloudReplyEngine
-from heimdall_edge.engines.offline_reply import OfflineReplyEngine
+from heimdall_edge.engines.cloud.cloud_reply import SYSTEM_PROMPT, CloudReplyEngine
+from heimdall_edge.engines.local.offline_reply import OfflineReplyEngine
+from heimdall_edge.testing.clocks import FakeClock
+from heimdall_edge.turn.conversation import Conversation
 
 
 def test_keeps_the_last_turns_only() -> None:

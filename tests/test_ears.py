@@ -15,20 +15,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from shared import words
 
-from heimdall_edge import builders
-from heimdall_edge.appliance import Appliance, Devices
+from heimdall_edge.app import builders
+from heimdall_edge.app.appliance import Appliance, Devices
 from heimdall_edge.audio import read_audio, silence
 from heimdall_edge.devices.base import IndicatorState
-from heimdall_edge.earcon import FOLLOW_UP_EARCON, WAKE_EARCON
 from heimdall_edge.engines.base import ReplyRequest
-from heimdall_edge.engines.offline_reply import OfflineReplyEngine
+from heimdall_edge.engines.local.offline_reply import OfflineReplyEngine
+from heimdall_edge.listen.earcon import FOLLOW_UP_EARCON, WAKE_EARCON
 from heimdall_edge.listen.wakeword import WakeWordDetector
-from heimdall_edge.routing import Engines
 from heimdall_edge.settings import ListeningSettings, Settings, load_settings
-from heimdall_edge.spool import CaptureRecord, Spool
+from heimdall_edge.spool.store import CaptureRecord, Spool
+from heimdall_edge.testing.text import words
 from heimdall_edge.testing.voices import PiperSpeaker, babble, to_pcm
+from heimdall_edge.turn.routing import Engines
 
 TIMEOUT = 120
 

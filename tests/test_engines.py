@@ -8,14 +8,14 @@ from pathlib import Path
 import jiwer
 import numpy as np
 import pytest
-from shared import words
 
 from heimdall_edge.audio import Audio, read_audio, resample, to_int16
 from heimdall_edge.engines.base import EngineError, ReplyRequest
-from heimdall_edge.engines.faster_whisper import FasterWhisperEngine
-from heimdall_edge.engines.offline_reply import OfflineReplyEngine
-from heimdall_edge.engines.piper import PiperEngine
+from heimdall_edge.engines.local.faster_whisper import FasterWhisperEngine
+from heimdall_edge.engines.local.offline_reply import OfflineReplyEngine
+from heimdall_edge.engines.local.piper import PiperEngine
 from heimdall_edge.settings import SpeechToTextSettings, TextToSpeechSettings
+from heimdall_edge.testing.text import words
 
 
 async def test_whisper_transcribes_jfk(

@@ -30,7 +30,7 @@ import pytest
 from elevenlabs.client import AsyncElevenLabs
 from elevenlabs.core.api_error import ApiError
 
-from heimdall_edge.fakecloud import FakeCloud, Fault, parse_multipart
+from heimdall_edge.testing.fakecloud import FakeCloud, Fault, parse_multipart
 
 REPLY = "It is a fine day. Is there anything else?"
 NO_RETRY = {"max_retries": 0}
@@ -750,7 +750,7 @@ async def test_unknown_paths_and_bad_requests(cloud: FakeCloud) -> None:
 async def test_api_keys_never_reach_the_log(
     cloud: FakeCloud, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="heimdall_edge.fakecloud")
+    caplog.set_level(logging.DEBUG, logger="heimdall_edge.testing.fakecloud")
 
     async def scenario():
         async with openai_client(cloud) as client:
@@ -769,7 +769,15 @@ async def test_api_keys_never_reach_the_log(
 
 def test_standalone_prints_the_environment_and_serves() -> None:
     process = subprocess.Popen(
-        [sys.executable, "-m", "heimdall_edge.fakecloud", "--port", "0", "--latency-ms", "5"],
+        [
+            sys.executable,
+            "-m",
+            "heimdall_edge.testing.fakecloud",
+            "--port",
+            "0",
+            "--latency-ms",
+            "5",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

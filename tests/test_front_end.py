@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from heimdall_edge.audio import FRAME_SAMPLES, SAMPLE_RATE, Audio, frames, read_audio, silence
-from heimdall_edge.earcon import FOLLOW_UP_EARCON, WAKE_EARCON
+from heimdall_edge.listen.earcon import FOLLOW_UP_EARCON, WAKE_EARCON
 from heimdall_edge.listen.earcon_canceller import EarconCanceller
 from heimdall_edge.listen.frontend import NoiseAndGain
 from heimdall_edge.listen.own_voice import OwnVoiceGuard

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from heimdall_edge.audio import SAMPLE_RATE, Audio, read_audio
-from heimdall_edge.engines.faster_whisper import FasterWhisperEngine
 from heimdall_edge.engines.hallucinations import PHRASES, is_hallucination, screened
+from heimdall_edge.engines.local.faster_whisper import FasterWhisperEngine
 
 
 @pytest.mark.parametrize(

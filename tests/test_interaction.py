@@ -13,14 +13,14 @@ import pytest
 from heimdall_edge.audio import Audio, read_audio
 from heimdall_edge.devices.base import IndicatorState
 from heimdall_edge.devices.speaker import WavFileSpeaker
-from heimdall_edge.earcon import ERROR_EARCON
 from heimdall_edge.engines.base import ReplyRequest, Transcript
-from heimdall_edge.engines.offline_reply import OfflineReplyEngine
-from heimdall_edge.engines.piper import PiperEngine
-from heimdall_edge.interaction import SAY_NOT_UNDERSTOOD, SAY_STORAGE_FULL, Interaction
+from heimdall_edge.engines.local.offline_reply import OfflineReplyEngine
+from heimdall_edge.engines.local.piper import PiperEngine
+from heimdall_edge.listen.earcon import ERROR_EARCON
 from heimdall_edge.listen.endpointer import EndReason, Utterance
-from heimdall_edge.routing import Engines
-from heimdall_edge.spool import Spool, SpoolFullError
+from heimdall_edge.spool.store import Spool, SpoolFullError
+from heimdall_edge.turn.interaction import SAY_NOT_UNDERSTOOD, SAY_STORAGE_FULL, Interaction
+from heimdall_edge.turn.routing import Engines
 
 
 class Broken:

@@ -27,18 +27,18 @@ from typing import Any
 import boto3
 import botocore.exceptions
 import pytest
-from fake_iot import DeviceCert, FakeIotProvider, TestPki
-from moto_server import DEFAULT_REGION, MotoServer, use_aws_test_env
 
-from heimdall_edge.cloudstore import StoreError
-from heimdall_edge.iot_credentials import (
+from heimdall_edge.cloud.errors import ErrorKind
+from heimdall_edge.settings import Settings, SettingsError, load_settings
+from heimdall_edge.sync.cloudstore import StoreError
+from heimdall_edge.sync.iot_credentials import (
     REFRESH_BEFORE_S,
     IotCredentialsProvider,
     IotIdentity,
     iot_session,
 )
-from heimdall_edge.resilience import ErrorKind
-from heimdall_edge.settings import Settings, SettingsError, load_settings
+from heimdall_edge.testing.moto import DEFAULT_REGION, MotoServer, use_aws_test_env
+from tests.fake_iot import DeviceCert, FakeIotProvider, TestPki
 
 ALIAS, THING, BUCKET = "heimdall-sync", "kitchen-pi", "heimdall-iot-test"
 POLICY = Path(__file__).resolve().parents[1] / "docs" / "iam-policy.json"

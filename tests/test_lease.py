@@ -6,10 +6,10 @@ import json
 import subprocess
 import sys
 
-from heimdall_edge import lease
+from heimdall_edge.spool import lease
 
 PRINT_LEASE = (
-    "import json; from heimdall_edge import lease; print(json.dumps(lease.this_process()))"
+    "import json; from heimdall_edge.spool import lease; print(json.dumps(lease.this_process()))"
 )
 
 

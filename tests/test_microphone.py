@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from shared import run_with_alsa_config
 
 from heimdall_edge.audio import FRAME_BYTES, read_audio
 from heimdall_edge.devices.base import DeviceError, MicrophoneEnded
@@ -29,6 +28,7 @@ from heimdall_edge.devices.microphone import (
     find_device,
 )
 from heimdall_edge.settings import MicrophoneSettings
+from tests.shared import run_with_alsa_config
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 30

@@ -17,20 +17,20 @@ from pathlib import Path
 from typing import Self
 
 import pytest
-from moto_server import MotoServer, heimdall_store_env, use_aws_test_env
-from shared import until
 
-from heimdall_edge import builders
-from heimdall_edge.appliance import STATUS_FILE, Appliance
+from heimdall_edge.app import builders
+from heimdall_edge.app.appliance import STATUS_FILE, Appliance
 from heimdall_edge.audio import read_audio, silence
 from heimdall_edge.engines.base import ReplyRequest
-from heimdall_edge.engines.offline_reply import OFFLINE_ACK, OfflineReplyEngine
-from heimdall_edge.fakecloud import FakeCloud, Fault
-from heimdall_edge.interaction import FIXED_PHRASES
-from heimdall_edge.preferred_voice import POLL_S, PreferredVoice
-from heimdall_edge.routing import Engines
+from heimdall_edge.engines.local.offline_reply import OFFLINE_ACK, OfflineReplyEngine
 from heimdall_edge.settings import Settings, load_settings
-from heimdall_edge.spool import CaptureRecord, Spool
+from heimdall_edge.spool.store import CaptureRecord, Spool
+from heimdall_edge.testing.fakecloud import FakeCloud, Fault
+from heimdall_edge.testing.moto import MotoServer, moto_store
+from heimdall_edge.turn.interaction import FIXED_PHRASES
+from heimdall_edge.turn.preferred_voice import POLL_S, PreferredVoice
+from heimdall_edge.turn.routing import Engines
+from tests.shared import until
 
 TIMEOUT = 120
 REPLY = "The lamp is on."  # no question: no follow-up window between the turns
@@ -72,13 +72,7 @@ def settings(openai: FakeCloud, elevenlabs: FakeCloud, monkeypatch: pytest.Monke
 
 @pytest.fixture
 def moto(monkeypatch: pytest.MonkeyPatch) -> Iterator[MotoServer]:
-    use_aws_test_env(monkeypatch)
-    with MotoServer() as server:
-        server.reset()  # moto's state is per process, not per server
-        server.create_bucket(BUCKET)
-        server.create_table(TABLE)
-        for name, value in heimdall_store_env(server, BUCKET, TABLE).items():
-            monkeypatch.setenv(name, value)
+    with moto_store(monkeypatch, BUCKET, TABLE) as server:
         yield server
 
 

@@ -22,20 +22,13 @@ import httpx2
 import openai
 import pydantic
 import pytest
-from shared import FakeClock
 
-from heimdall_edge.connectivity import Connectivity
-from heimdall_edge.resilience import (
-    BreakerState,
-    CallPolicy,
-    CircuitBreaker,
-    CloudError,
-    ErrorKind,
-    LatencyNorm,
-    RateLimit,
-    classify,
-    parse_retry_after,
-)
+from heimdall_edge.cloud.breaker import BreakerState, CircuitBreaker
+from heimdall_edge.cloud.classify import classify, parse_retry_after
+from heimdall_edge.cloud.connectivity import Connectivity
+from heimdall_edge.cloud.errors import CloudError, ErrorKind
+from heimdall_edge.cloud.policy import CallPolicy, LatencyNorm, RateLimit
+from heimdall_edge.testing.clocks import FakeClock
 
 SECRET = "sk-test-SECRET-0123456789"
 TIMEOUT = 5.0  # every async test is bounded
@@ -322,7 +315,7 @@ def test_breaker_reports_each_change_once(caplog: pytest.LogCaptureFixture) -> N
     breaker = make_breaker(
         clock, failure_threshold=2, on_change=lambda old, new: changes.append((old, new))
     )
-    caplog.set_level(logging.INFO, logger="heimdall_edge.resilience")
+    caplog.set_level(logging.INFO, logger="heimdall_edge.cloud.breaker")
     for _ in range(4):
         breaker.record_failure(ErrorKind.SERVER)
     clock.advance(30)
@@ -333,7 +326,7 @@ def test_breaker_reports_each_change_once(caplog: pytest.LogCaptureFixture) -> N
     assert breaker.state is BreakerState.CLOSED
     S = BreakerState
     assert changes == [(S.CLOSED, S.OPEN), (S.OPEN, S.HALF_OPEN), (S.HALF_OPEN, S.CLOSED)]
-    messages = [r.getMessage() for r in caplog.records if r.name == "heimdall_edge.resilience"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "heimdall_edge.cloud.breaker"]
     assert len(messages) == 3
     assert [r.levelno for r in caplog.records] == [logging.WARNING, logging.INFO, logging.INFO]
     assert "svc: circuit breaker open for 30s (last error: server)" in messages[0]

@@ -10,13 +10,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from heimdall_edge.sdnotify import (
+from heimdall_edge.app.sdnotify import (
     HealthWatchdog,
     Notifier,
     extending_startup,
     socket_address,
     watchdog_interval,
 )
+from heimdall_edge.testing.clocks import FakeClock
 
 TIMEOUT = 5.0
 
@@ -119,7 +120,7 @@ def test_send_failure_never_raises(tmp_path, caplog):
     missing = tmp_path / "nobody-listens"
     notifier = Notifier(str(missing))
     assert notifier.enabled
-    with caplog.at_level("DEBUG", logger="heimdall_edge.sdnotify"):
+    with caplog.at_level("DEBUG", logger="heimdall_edge.app.sdnotify"):
         assert notifier.ready() is False
         assert notifier.watchdog() is False
     assert "failed" in caplog.text
@@ -162,16 +163,8 @@ def test_watchdog_interval():
     assert watchdog_interval({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "x"}) is None
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_tick_pings_only_after_a_beat(receiver, caplog):
-    clock = FakeClock()
+    clock = FakeClock(start=100.0)
     with Notifier(receiver.notify_socket) as notifier:
         dog = HealthWatchdog(notifier, 15.0, clock=clock)
         assert dog.active
@@ -257,7 +250,7 @@ class SteppedSleep:
 async def test_run_pings_after_each_beat_and_stops_when_the_loop_wedges(receiver):
     sleep = SteppedSleep()
     with Notifier(receiver.notify_socket) as notifier:
-        dog = HealthWatchdog(notifier, 15.0, clock=FakeClock(), sleep=sleep)
+        dog = HealthWatchdog(notifier, 15.0, clock=FakeClock(start=100.0), sleep=sleep)
         task = asyncio.create_task(dog.run())
 
         async def scenario() -> None:

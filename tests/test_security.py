@@ -30,12 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from moto_server import DEFAULT_REGION, MotoServer, use_aws_test_env
 
-from heimdall_edge import builders
-from heimdall_edge.cloudstore import CaptureStore, StoreConfig
-from heimdall_edge.fakecloud import FakeCloud
+from heimdall_edge.app import builders
 from heimdall_edge.settings import load_settings
+from heimdall_edge.sync.cloudstore import CaptureStore, StoreConfig
+from heimdall_edge.testing.fakecloud import FakeCloud
+from heimdall_edge.testing.moto import DEFAULT_REGION, MotoServer, moto_store, use_aws_test_env
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "heimdall_edge"
@@ -78,11 +78,7 @@ class Canaries:
 
 @pytest.fixture
 def store(monkeypatch: pytest.MonkeyPatch) -> Iterator[MotoServer]:
-    use_aws_test_env(monkeypatch)
-    with MotoServer() as server:
-        server.reset()  # moto's state is per process, not per server
-        server.create_bucket(BUCKET)
-        server.create_table(TABLE)
+    with moto_store(monkeypatch, BUCKET, TABLE, heimdall_env=False) as server:
         yield server
         server.reset()
 
@@ -296,7 +292,7 @@ NO_TLS_AT_ALL = {"fakecloud.py"}  # test tooling: plain HTTP on loopback, no TLS
 
 def test_no_code_in_the_package_turns_tls_verification_off() -> None:
     sources = sorted(PACKAGE.rglob("*.py"))
-    assert len(sources) > 20 and PACKAGE / "cloudstore.py" in sources
+    assert len(sources) > 20 and PACKAGE / "sync" / "cloudstore.py" in sources
     hits = [
         f"{path.relative_to(REPO)}:{number}: {line.strip()}"
         for path in sources

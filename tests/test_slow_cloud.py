@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from heimdall_edge import builders
-from heimdall_edge.appliance import Appliance
-from heimdall_edge.fakecloud import FakeCloud, Fault
-from heimdall_edge.resilience import BreakerState
-from heimdall_edge.routing import Engines
+from heimdall_edge.app import builders
+from heimdall_edge.app.appliance import Appliance
+from heimdall_edge.cloud.breaker import BreakerState
 from heimdall_edge.settings import Settings, load_settings
-from heimdall_edge.spool import CaptureRecord, Spool
+from heimdall_edge.spool.store import CaptureRecord, Spool
+from heimdall_edge.testing.fakecloud import FakeCloud, Fault
+from heimdall_edge.turn.routing import Engines
 
 CLOUD_TEXT = "what time is it up in the cloud"
 ROUTES = ("transcriptions", "chat", "tts")

@@ -13,21 +13,18 @@ every turn, after gc.collect(); the windows are whole cycles, so like is compare
 like (the open sockets, for one, go from 0 to 2 with the faults: idle keep-alive
 connections to the fake cloud). The gc-tracked objects (within 1 %) and the asyncio
 tasks (5 %) are held too: a sharper check on Python-level leaks than RSS, which
-glibc's allocator blurs. `python bench/soak.py --interactions 500` is the long form.
+glibc's allocator blurs. `python -m bench.soak --interactions 500` is the long form.
 """
 
 from __future__ import annotations
 
 import asyncio
-import sys
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
-import soak  # bench/soak.py: the long form of this test
+from bench import soak  # bench/soak.py: the long form of this test
 
 TURNS = 6 * soak.CYCLE_TURNS  # 84 (under a minute): a warm-up of 2 cycles, then 4 more
 OBJECTS_LIMIT = 0.01  # the noise is about 0.1 %: a leak of some 30 objects a turn shows

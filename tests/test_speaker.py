@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
-from shared import run_with_alsa_config
 
 from heimdall_edge.audio import Audio, read_audio
 from heimdall_edge.devices.base import DeviceError
@@ -23,6 +22,7 @@ from heimdall_edge.devices.speaker import (
     choose_output_format,
 )
 from heimdall_edge.settings import SpeakerSettings
+from tests.shared import run_with_alsa_config
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 30

@@ -17,21 +17,21 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from shared import streams_left_to_the_gc, until
 
-from heimdall_edge import builders
-from heimdall_edge.appliance import Appliance
+from heimdall_edge.app import builders
+from heimdall_edge.app.appliance import Appliance
 from heimdall_edge.audio import FRAME_BYTES, Audio, read_audio, silence
+from heimdall_edge.cloud.breaker import BreakerState
 from heimdall_edge.devices.base import Playback
 from heimdall_edge.engines.base import ReplyRequest, Transcript
-from heimdall_edge.fakecloud import FakeCloud, Fault
-from heimdall_edge.interaction import Interaction, answerable
 from heimdall_edge.listen.endpointer import Endpointer, EndReason, Utterance
-from heimdall_edge.resilience import BreakerState
-from heimdall_edge.routing import Engines
 from heimdall_edge.settings import ListeningSettings, Settings, load_settings
-from heimdall_edge.speculation import Speculation
-from heimdall_edge.spool import CaptureRecord, Spool
+from heimdall_edge.spool.store import CaptureRecord, Spool
+from heimdall_edge.testing.fakecloud import FakeCloud, Fault
+from heimdall_edge.turn.interaction import Interaction, answerable
+from heimdall_edge.turn.routing import Engines
+from heimdall_edge.turn.speculation import Speculation
+from tests.shared import streams_left_to_the_gc, until
 
 CLOUD_TEXT = "what is on the shopping list"
 CLOUD_REPLY = "Milk and bread. Anything else?"
@@ -87,7 +87,7 @@ async def test_the_same_transcript_with_and_without_a_head_start(
 ) -> None:
     said = said_with_a_pause(speech_dir)
     turns = {}
-    caplog.set_level(logging.DEBUG, logger="heimdall_edge.speculation")
+    caplog.set_level(logging.DEBUG, logger="heimdall_edge.turn.speculation")
     for after_ms in (0, 250):
         monkeypatch.setenv("HEIMDALL_STATE_DIR", str(tmp_path / f"state-{after_ms}"))
         monkeypatch.setenv("HEIMDALL_LISTENING__SPECULATE_AFTER_MS", str(after_ms))

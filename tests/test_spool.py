@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
-from heimdall_edge import durable
-from heimdall_edge import spool as spool_module
-from heimdall_edge.spool import (
+from heimdall_edge.spool import durable
+from heimdall_edge.spool import store as spool_module
+from heimdall_edge.spool.store import (
     CaptureNotFoundError,
     CaptureRecord,
     Spool,
@@ -478,7 +478,10 @@ def test_recovery_drops_rows_whose_folder_vanished(
     gone = stored(root)
     kept = stored(root, when=T0 + timedelta(seconds=1))
     shutil.rmtree(root / "captures" / gone.capture_id)
-    with caplog.at_level(logging.WARNING, logger="heimdall_edge.spool"), reopen(root) as spool:
+    with (
+        caplog.at_level(logging.WARNING, logger="heimdall_edge.spool.store"),
+        reopen(root) as spool,
+    ):
         assert spool.recovered.rows_dropped == 1
         assert [r.capture_id for r in spool.list()] == [kept.capture_id]
         with pytest.raises(CaptureNotFoundError):
@@ -539,13 +542,16 @@ def test_recovery_quarantines_a_damaged_capture(
     bad = stored(root)
     good = stored(root, when=T0 + timedelta(seconds=1))
     damage(root / "captures" / bad.capture_id)
-    with caplog.at_level(logging.WARNING, logger="heimdall_edge.spool"), reopen(root) as spool:
+    with (
+        caplog.at_level(logging.WARNING, logger="heimdall_edge.spool.store"),
+        reopen(root) as spool,
+    ):
         assert spool.recovered.quarantined == 1
         assert [r.capture_id for r in spool.list()] == [good.capture_id]
         assert spool.counts()["pending"] == 1
     assert (root / "quarantine" / bad.capture_id).is_dir()
     assert not (root / "captures" / bad.capture_id).exists()
-    warnings = [r.getMessage() for r in caplog.records if r.name == "heimdall_edge.spool"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "heimdall_edge.spool.store"]
     assert any(f"quarantined capture {bad.capture_id}" in m and reason in m for m in warnings), (
         warnings
     )
@@ -645,7 +651,10 @@ def test_a_damaged_index_is_set_aside_and_rebuilt(
     first = stored(root)
     second = stored(root, when=T0 + timedelta(seconds=1))
     (root / "index.sqlite3").write_bytes(b"this is not a database" * 500)
-    with caplog.at_level(logging.WARNING, logger="heimdall_edge.spool"), reopen(root) as spool:
+    with (
+        caplog.at_level(logging.WARNING, logger="heimdall_edge.spool.store"),
+        reopen(root) as spool,
+    ):
         assert spool.recovered.index_rebuilt
         assert spool.recovered.reindexed == 2
         assert [r.capture_id for r in spool.list()] == [second.capture_id, first.capture_id]
@@ -774,7 +783,7 @@ def test_quarantine_moves_the_capture_out_with_its_row(
 ) -> None:
     bad, good = make(spool), make(spool, when=T0 + timedelta(seconds=1))
     (root / "quarantine" / bad.capture_id).mkdir()  # an earlier one is never overwritten
-    with caplog.at_level(logging.WARNING, logger="heimdall_edge.spool"):
+    with caplog.at_level(logging.WARNING, logger="heimdall_edge.spool.store"):
         target = spool.quarantine(bad.capture_id, "audio.wav does not match")
     assert target == root / "quarantine" / f"{bad.capture_id}.1"
     assert (target / "audio.wav").read_bytes() == AUDIO
@@ -895,7 +904,7 @@ def test_a_failed_index_insert_keeps_the_durable_capture(
             raise exc
 
         monkeypatch.setattr(spool, "_put_row", broken_index)
-        with caplog.at_level(logging.ERROR, logger="heimdall_edge.spool"):
+        with caplog.at_level(logging.ERROR, logger="heimdall_edge.spool.store"):
             record = make(spool)
         assert any("index row was not written" in m for m in caplog.messages)
         assert (root / "captures" / record.capture_id / "audio.wav").read_bytes() == AUDIO

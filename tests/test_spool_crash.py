@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from heimdall_edge.spool import CaptureRecord, Spool
+from heimdall_edge.spool.store import CaptureRecord, Spool
 
 REPO = Path(__file__).resolve().parents[1]
 ROUNDS = 22
@@ -33,7 +33,7 @@ SLOWDOWN = float(os.environ.get("HEIMDALL_TEST_SLOWDOWN", "1"))
 
 WRITER = r"""
 import hashlib, random, sys
-from heimdall_edge.spool import Spool
+from heimdall_edge.spool.store import Spool
 
 def sha(data):
     return hashlib.sha256(data).hexdigest()

@@ -22,16 +22,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from moto_server import MotoServer, use_aws_test_env
-from shared import FakeClock, until
 
-from heimdall_edge.cloudstore import CaptureStore, PutResult, StoreConfig, index_item
-from heimdall_edge.connectivity import Connectivity, tcp_probe
-from heimdall_edge.resilience import BreakerState, CircuitBreaker, ErrorKind
+from heimdall_edge.cloud.breaker import BreakerState, CircuitBreaker
+from heimdall_edge.cloud.connectivity import Connectivity, tcp_probe
+from heimdall_edge.cloud.errors import ErrorKind
 from heimdall_edge.settings import SyncSettings
-from heimdall_edge.spool import CaptureRecord, Spool
-from heimdall_edge.spool_keeper import SpoolKeeper
-from heimdall_edge.sync import SYNC_OFF, Outcome, Syncer, SyncProgress, TokenBucket
+from heimdall_edge.spool.keeper import SpoolKeeper
+from heimdall_edge.spool.store import CaptureRecord, Spool
+from heimdall_edge.sync.cloudstore import CaptureStore, PutResult, StoreConfig, index_item
+from heimdall_edge.sync.syncer import SYNC_OFF, Outcome, Syncer, SyncProgress, TokenBucket
+from heimdall_edge.testing.clocks import FakeClock
+from heimdall_edge.testing.moto import MotoServer, use_aws_test_env
+from tests.shared import until
 
 TIMEOUT = 20.0
 BUCKET = "heimdall-sync-test"
@@ -436,7 +438,7 @@ async def test_a_different_object_at_a_captures_key_needs_a_person(
         Bucket=BUCKET, Key=store.object_key(clash, "audio.wav"), Body=b"someone else's"
     )
     sync = syncer(spool, store)
-    with caplog.at_level(logging.ERROR, logger="heimdall_edge.sync"):
+    with caplog.at_level(logging.ERROR, logger="heimdall_edge.sync.syncer"):
         report = await asyncio.wait_for(sync.sync_once(), TIMEOUT)
     assert (report.synced, report.failed, report.pending) == (1, 1, 0)
     assert "a different object already exists" in (report.error or "")
@@ -540,7 +542,7 @@ async def test_a_capture_left_open_by_a_process_that_died_goes_at_once(
 
 LEASED_BY_A_CHILD = """
 import sys
-from heimdall_edge.spool import Spool
+from heimdall_edge.spool.store import Spool
 with Spool(sys.argv[1]) as spool:
     record = spool.create(device_id="pi-test", trigger="button", audio_wav=b"RIFF", frames=[],
                           leased=True)
@@ -623,7 +625,7 @@ async def test_retention_deletes_synced_captures_older_than_retention_days(
     young = capture(spool, when=NOW - timedelta(days=1))
     unsynced_old = capture(spool, when=NOW - timedelta(days=30), finished=False)
     sync = syncer(spool, store, retention_days=7, wall_clock=lambda: NOW)
-    with caplog.at_level(logging.INFO, logger="heimdall_edge.spool_keeper"):
+    with caplog.at_level(logging.INFO, logger="heimdall_edge.spool.keeper"):
         report = await asyncio.wait_for(sync.sync_once(), TIMEOUT)
     assert (report.synced, report.expired, report.waiting) == (2, 1, 1)
     assert {r.capture_id for r in spool.list()} == {young.capture_id, unsynced_old.capture_id}
@@ -665,7 +667,7 @@ def test_make_room_evicts_synced_captures_oldest_first(
     (s1, s2), pending = quota_spool(spool)
     keep = keeper(spool, quota_mb=10)
     assert spool.disk_usage() > 10 * MiB  # the files, plus records and the index
-    with caplog.at_level(logging.WARNING, logger="heimdall_edge.spool_keeper"):
+    with caplog.at_level(logging.WARNING, logger="heimdall_edge.spool.keeper"):
         assert keep.make_room(MiB) is True
     assert ids(spool) == {s2.capture_id} | {p.capture_id for p in pending}
     assert spool.disk_usage() + MiB <= 10 * MiB
@@ -675,7 +677,7 @@ def test_make_room_evicts_synced_captures_oldest_first(
 
     # 5 MiB more cannot fit even without s2: nothing is evicted in vain, unsynced never.
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="heimdall_edge.spool_keeper"):
+    with caplog.at_level(logging.WARNING, logger="heimdall_edge.spool.keeper"):
         assert keep.make_room(5 * MiB) is False
     assert ids(spool) == {s2.capture_id} | {p.capture_id for p in pending}
     assert any("nothing evicted" in m for m in messages(caplog))
@@ -719,8 +721,8 @@ def test_eviction_leaves_a_capture_revised_after_it_was_listed(tmp_path: Path) -
 EVICTOR = """
 import pathlib, sys, time
 from heimdall_edge.settings import SyncSettings
-from heimdall_edge.spool import Spool
-from heimdall_edge.spool_keeper import SpoolKeeper
+from heimdall_edge.spool.store import Spool
+from heimdall_edge.spool.keeper import SpoolKeeper
 
 def slow_delete(self, capture_id, delete=Spool.delete, **only_if):  # a slow SD card
     time.sleep(0.3)
@@ -762,7 +764,7 @@ def test_make_room_evicts_unsynced_captures_only_when_configured(
 ) -> None:
     (s1, s2), (p1, p2, p3) = quota_spool(spool)
     keep = keeper(spool, quota_mb=10, evict_unsynced=True)
-    with caplog.at_level(logging.WARNING, logger="heimdall_edge.spool_keeper"):
+    with caplog.at_level(logging.WARNING, logger="heimdall_edge.spool.keeper"):
         assert keep.make_room(5 * MiB) is True
     assert ids(spool) == {p2.capture_id, p3.capture_id}  # synced first, then the oldest pending
     logged = messages(caplog)
@@ -946,7 +948,7 @@ async def test_run_backs_off_exponentially_while_the_store_is_down_then_recovers
         clock=clock, sleep=sleep, jitter=lambda: 1.0, backoff_base_s=1.0,
     )  # fmt: skip
     stop = asyncio.Event()
-    with caplog.at_level(logging.INFO, logger="heimdall_edge.sync"):
+    with caplog.at_level(logging.INFO, logger="heimdall_edge.sync.syncer"):
         task = asyncio.create_task(sync.run(stop))
         try:
             await until(
@@ -1008,7 +1010,7 @@ async def test_run_takes_the_store_offline_from_its_calls_and_probes_it_back_its
 
 
 def test_backoff_has_jitter_within_bounds(spool: Spool) -> None:
-    from heimdall_edge.sync import SyncReport
+    from heimdall_edge.sync.syncer import SyncReport
 
     values = iter([0.0, 0.5, 1.0])
     sync = syncer(spool, None, retry_max_s=60, backoff_base_s=2.0, jitter=lambda: next(values))
@@ -1067,7 +1069,7 @@ async def test_run_logs_a_configuration_error_once_and_retries_slowly(
         clock=clock, sleep=sleep,
     )  # fmt: skip
     stop = asyncio.Event()
-    with caplog.at_level(logging.INFO, logger="heimdall_edge.sync"):
+    with caplog.at_level(logging.INFO, logger="heimdall_edge.sync.syncer"):
         task = asyncio.create_task(sync.run(stop))
         try:
             await asyncio.wait_for(done.wait(), TIMEOUT)
@@ -1102,7 +1104,7 @@ async def test_run_never_dies_on_an_unexpected_error(
         spool, Buggy(), interval_s=1000, clock=clock, sleep=ScriptedSleep(clock, idle_s=1000)
     )
     stop = asyncio.Event()
-    with caplog.at_level(logging.ERROR, logger="heimdall_edge.sync"):
+    with caplog.at_level(logging.ERROR, logger="heimdall_edge.sync.syncer"):
         task = asyncio.create_task(sync.run(stop))
         try:
             await until(

@@ -10,21 +10,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from moto_server import DEFAULT_REGION, MotoServer, heimdall_store_env, use_aws_test_env
-from shared import words
+
+from heimdall_edge.testing.moto import DEFAULT_REGION, MotoServer, moto_store
+from heimdall_edge.testing.text import words
 
 BUCKET, TABLE = "heimdall-test", "heimdall-captures"
 
 
 @pytest.fixture
 def store(monkeypatch: pytest.MonkeyPatch) -> Iterator[MotoServer]:
-    use_aws_test_env(monkeypatch)
-    with MotoServer() as server:
-        server.reset()  # moto's state is per process, not per server
-        server.create_bucket(BUCKET)
-        server.create_table(TABLE)
-        for name, value in heimdall_store_env(server, BUCKET, TABLE).items():
-            monkeypatch.setenv(name, value)
+    with moto_store(monkeypatch, BUCKET, TABLE) as server:
         yield server
 
 
@@ -150,7 +145,7 @@ KEPT_THEN_KILLED = """
 import os, signal, sys
 from heimdall_edge.audio import read_audio
 from heimdall_edge.settings import load_settings
-from heimdall_edge.spool import Spool
+from heimdall_edge.spool.store import Spool
 settings = load_settings()
 spool = Spool(settings.spool_dir)
 record = spool.create(device_id=settings.device_id, trigger="button", frames=[], leased=True,

@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from moto_server import AWS_ENV_TO_UNSET, MotoServer, aws_test_env
 
-from heimdall_edge.spool import Spool
+from heimdall_edge.spool.store import Spool
+from heimdall_edge.testing.moto import AWS_ENV_TO_UNSET, MotoServer, aws_test_env
 
 REPO = Path(__file__).resolve().parents[1]
 BUCKET = "heimdall-crash-test"
@@ -40,10 +40,10 @@ SEED = 20261127
 
 SYNCER = r"""
 import asyncio, json, logging, sys
-from heimdall_edge.cloudstore import CaptureStore, StoreConfig
+from heimdall_edge.sync.cloudstore import CaptureStore, StoreConfig
 from heimdall_edge.settings import SyncSettings
-from heimdall_edge.spool import Spool
-from heimdall_edge.sync import Syncer
+from heimdall_edge.spool.store import Spool
+from heimdall_edge.sync.syncer import Syncer
 
 args = json.loads(sys.argv[1])
 logging.basicConfig(level=logging.INFO, stream=sys.stderr)

@@ -12,16 +12,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from moto_server import MotoServer, heimdall_store_env, use_aws_test_env
 
-from heimdall_edge import builders
+from heimdall_edge.app import builders
 from heimdall_edge.audio import Audio, read_audio
+from heimdall_edge.cloud.errors import CloudError, ErrorKind
 from heimdall_edge.engines.base import Transcript
-from heimdall_edge.fakecloud import FakeCloud
-from heimdall_edge.resilience import CloudError, ErrorKind
 from heimdall_edge.settings import load_settings
-from heimdall_edge.spool import Spool
-from heimdall_edge.upgrade import ON_DEVICE, Upgrade, upgradable
+from heimdall_edge.spool.store import Spool
+from heimdall_edge.testing.fakecloud import FakeCloud
+from heimdall_edge.testing.moto import MotoServer, heimdall_store_env, use_aws_test_env
+from heimdall_edge.turn.upgrade import ON_DEVICE, Upgrade, upgradable
 
 CLOUD_TEXT = "One, two, three, as the cloud heard it."
 BUCKET, TABLE = "heimdall-upgrade", "heimdall-upgrade-index"
@@ -88,7 +88,7 @@ async def test_a_capture_evicted_during_its_upgrade_is_left_to_the_store_quietly
 ) -> None:
     # Found by the long chaos run under the smallest quota: the keeper evicted the (synced)
     # capture while cloud Whisper was transcribing it, and the upgrade logged a traceback.
-    caplog.set_level(logging.INFO, logger="heimdall_edge.upgrade")
+    caplog.set_level(logging.INFO, logger="heimdall_edge.turn.upgrade")
     with Spool(tmp_path / "spool") as spool:
         offline = kept(spool, speech_dir / "sr_english.wav", "one two tree", "faster-whisper")
         stop = asyncio.Event()

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from heimdall_edge.visible import VisibleFormatter, visible, visible_json
+from heimdall_edge.app.visible import VisibleFormatter, visible, visible_json
 
 
 @pytest.mark.parametrize(

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from heimdall_edge import durable, voice_cache
 from heimdall_edge.audio import Audio
-from heimdall_edge.voice_cache import VoiceCache, VoiceCacheError, cache_key, normalize_text
+from heimdall_edge.spool import durable
+from heimdall_edge.turn import voice_cache
+from heimdall_edge.turn.voice_cache import VoiceCache, VoiceCacheError, cache_key, normalize_text
 
 REPO = Path(__file__).resolve().parents[1]
 REQUEST: dict[str, object] = {
@@ -329,7 +330,7 @@ def test_reopen_drops_rows_whose_clip_is_gone_or_cut_short(
     (root / "clips" / f"{key_of(0)}.wav").unlink()
     with open(root / "clips" / f"{key_of(1)}.wav", "r+b") as file:
         file.truncate(300)
-    with caplog.at_level(logging.INFO, logger="heimdall_edge.voice_cache"):
+    with caplog.at_level(logging.INFO, logger="heimdall_edge.turn.voice_cache"):
         cache = VoiceCache(root, 100_000)
     with cache:
         assert cache.keys() == [key_of(2)]
@@ -359,7 +360,7 @@ def test_a_clip_removed_while_open_is_a_miss(
 ) -> None:
     cache.put(key_of(1), speech(100))
     (cache.root / "clips" / f"{key_of(1)}.wav").unlink()
-    with caplog.at_level(logging.INFO, logger="heimdall_edge.voice_cache"):
+    with caplog.at_level(logging.INFO, logger="heimdall_edge.turn.voice_cache"):
         assert cache.get(key_of(1)) is None
     assert key_of(1) not in cache
     assert cache.total_bytes == 0
@@ -436,7 +437,7 @@ def test_a_damaged_clip_is_a_miss_and_is_deleted(
     cache.put(key_of("fine"), speech(50))
     path = cache.root / "clips" / f"{key}.wav"
     damage(path)  # type: ignore[operator]
-    with caplog.at_level(logging.WARNING, logger="heimdall_edge.voice_cache"):
+    with caplog.at_level(logging.WARNING, logger="heimdall_edge.turn.voice_cache"):
         assert cache.get(key) is None
     assert "damaged" in caplog.text
     assert not path.is_symlink() and not path.exists()
@@ -458,7 +459,7 @@ def test_a_clip_that_cannot_be_read_for_now_is_a_miss_but_stays(
         return real_open(path, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(voice_cache.os, "open", no_descriptors_left)
-    with caplog.at_level(logging.WARNING, logger="heimdall_edge.voice_cache"):
+    with caplog.at_level(logging.WARNING, logger="heimdall_edge.turn.voice_cache"):
         assert cache.get(key_of(1)) is None
     assert "cannot be read now" in caplog.text
     monkeypatch.undo()
@@ -508,7 +509,7 @@ def test_a_damaged_index_starts_the_cache_afresh(
     (root / "index.sqlite3").write_bytes(b"this is not a database" * 100)
     for suffix in ("-wal", "-shm"):
         (root / f"index.sqlite3{suffix}").unlink(missing_ok=True)
-    with caplog.at_level(logging.WARNING, logger="heimdall_edge.voice_cache"):
+    with caplog.at_level(logging.WARNING, logger="heimdall_edge.turn.voice_cache"):
         cache = VoiceCache(root, 100_000)
     with cache:
         assert "starting the cache afresh" in caplog.text
@@ -520,7 +521,8 @@ def test_a_damaged_index_starts_the_cache_afresh(
 
 CRASHER = r"""
 import os, sys
-from heimdall_edge import durable, voice_cache
+from heimdall_edge.spool import durable
+from heimdall_edge.turn import voice_cache
 from heimdall_edge.audio import Audio
 
 root, point, key = sys.argv[1:4]
@@ -573,9 +575,9 @@ def test_a_crash_mid_put_leaves_nothing_that_get_returns(
 
 SHARER = r"""
 import hashlib, random, sys
-from heimdall_edge import voice_cache
+from heimdall_edge.turn import voice_cache
 from heimdall_edge.audio import Audio
-from heimdall_edge.voice_cache import VoiceCache
+from heimdall_edge.turn.voice_cache import VoiceCache
 
 def clip(i):
     return Audio(random.Random(i).randbytes(2 * (100 + 50 * i)), 16000)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pymicro_wakeword
 import pytest
 
-from heimdall_edge.doctor import Level, _listening
+from heimdall_edge.app.doctor import Level, _listening
 from heimdall_edge.listen import wakeword
 from heimdall_edge.listen.listener import build_listener
 from heimdall_edge.settings import ListeningSettings, Settings, SettingsError, load_settings

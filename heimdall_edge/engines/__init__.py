@@ -1,1 +1,1 @@
-"""Speech and reply engines: one module per provider, all behind the Protocols in base."""
+"""Speech and reply engines: the Protocols in base, then local/ and cloud/ implementations."""

@@ -24,7 +24,7 @@ from typing import Protocol
 
 from heimdall_edge.audio import FRAME_MS, Audio
 from heimdall_edge.devices.base import Button, ButtonEvent, Microphone, MicrophoneEnded, Speaker
-from heimdall_edge.earcon import FOLLOW_UP_EARCON, WAKE_EARCON, Earcon
+from heimdall_edge.listen.earcon import FOLLOW_UP_EARCON, WAKE_EARCON, Earcon
 from heimdall_edge.listen.earcon_canceller import EarconCanceller
 from heimdall_edge.listen.endpointer import Endpointer, EndReason, Trigger, Utterance
 from heimdall_edge.listen.frontend import NoiseAndGain

@@ -1,1 +1,1 @@
-"""Material for tests and benchmarks, made on the spot rather than shipped as recordings."""
+"""The test kit for tests and benchmarks: fake cloud, moto, clocks, synthetic voices and rooms."""

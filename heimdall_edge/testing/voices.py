@@ -25,7 +25,7 @@ import numpy as np
 
 from heimdall_edge.audio import FRAME_BYTES, FRAME_SAMPLES, SAMPLE_RATE, resample, to_int16
 from heimdall_edge.devices.base import MicrophoneEnded
-from heimdall_edge.models import piper_voice_files
+from heimdall_edge.engines.local.models import piper_voice_files
 
 VOICE = "en_US-joe-medium"
 WINDOW = SAMPLE_RATE // 100

@@ -1,0 +1,1 @@
+"""The service: composition (settings -> parts), lifecycle, doctor, systemd."""

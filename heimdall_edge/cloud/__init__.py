@@ -1,0 +1,1 @@
+"""Calling the cloud: error kinds, classification, breaker, call policy, connectivity."""

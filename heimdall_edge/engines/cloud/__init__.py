@@ -1,0 +1,1 @@
+"""Cloud engines: OpenAI Whisper, OpenAI chat replies and ElevenLabs speech."""

@@ -1,0 +1,1 @@
+"""The durable capture store: files, records and revisions, recovery, quota, retention, leases."""

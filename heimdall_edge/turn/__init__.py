@@ -1,0 +1,1 @@
+"""One turn: keep, transcribe, reply, speak, record; routing, voice cache, later transcripts."""
