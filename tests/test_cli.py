@@ -18,7 +18,7 @@ from heimdall_edge.app import builders
 from heimdall_edge.audio import Audio
 from heimdall_edge.settings import load_settings
 from heimdall_edge.testing.text import words
-from tests.shared import on_a_terminal
+from tests.shared import printed
 
 TIME_REPLY = re.compile(r"^It's \d{1,2}:\d\d [AP]M\.$")
 
@@ -246,8 +246,8 @@ def hostile_capture() -> dict[str, str]:
     return {"capture_id": record.capture_id, **fields}
 
 
-def shown_on_a_terminal(*args: str) -> str:
-    code, received, stderr = on_a_terminal([sys.executable, "-m", "heimdall_edge.cli", *args])
+def shown_to_the_operator(*args: str) -> str:
+    code, received, stderr = printed([sys.executable, "-m", "heimdall_edge.cli", *args])
     assert code == 0, stderr
     text = received.decode()
     assert not ACTIVE.search(text), f"raw control characters reached the terminal: {text!r}"
@@ -256,7 +256,7 @@ def shown_on_a_terminal(*args: str) -> str:
 
 def test_captures_show_makes_escape_sequences_visible_and_keeps_unicode() -> None:
     capture = hostile_capture()
-    lines = shown_on_a_terminal("captures", "show", capture["capture_id"]).splitlines()
+    lines = shown_to_the_operator("captures", "show", capture["capture_id"]).splitlines()
     fields = {line.split(maxsplit=1)[0]: line.split(maxsplit=1)[1] for line in lines}
     assert fields["transcript"] == "what do you see\\x1b[31m\\nnext line\\ttab"  # one line
     assert (
@@ -269,7 +269,7 @@ def test_captures_show_makes_escape_sequences_visible_and_keeps_unicode() -> Non
 
 def test_captures_list_shows_each_capture_on_one_line() -> None:
     capture = hostile_capture()
-    lines = shown_on_a_terminal("captures").splitlines()
+    lines = shown_to_the_operator("captures").splitlines()
     assert lines[0] == "0 failed, 1 pending, 0 synced"
     assert lines[1].startswith(capture["capture_id"]) and len(lines) == 2
     assert lines[1].endswith("'what do you see\\x1b[31m\\nnext line\\ttab'")

@@ -15,7 +15,7 @@ import pytest
 
 from heimdall_edge.testing.fakecloud import FakeCloud, Fault
 from heimdall_edge.turn.interaction import SAY_NOT_UNDERSTOOD
-from tests.shared import on_a_terminal
+from tests.shared import printed
 
 CLOUD_TEXT = "what time is it in the cloud"
 
@@ -117,10 +117,10 @@ def test_a_reply_with_escape_sequences_reaches_the_terminal_visible(speech_dir: 
     with FakeCloud(transcript=CLOUD_TEXT, reply=hostile) as cloud:
         cli = [sys.executable, "-m", "heimdall_edge.cli"]
         said = str(speech_dir / "v2j_what_time_is_it.wav")
-        code, demo, stderr = on_a_terminal([*cli, "demo", "--input", said], env=cloud.env())
+        code, demo, stderr = printed([*cli, "demo", "--input", said], env=cloud.env())
         assert code == 0, stderr
         capture_id = re.search(rb"capture: (\S+)", demo)[1].decode()
-        code, shown, stderr = on_a_terminal([*cli, "captures", "show", capture_id], env=cloud.env())
+        code, shown, stderr = printed([*cli, "captures", "show", capture_id], env=cloud.env())
         assert code == 0, stderr
     for received in (demo, shown):
         assert b"\x1b" not in received and b"\x07" not in received, received

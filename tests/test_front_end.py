@@ -10,7 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from heimdall_edge.audio import FRAME_SAMPLES, SAMPLE_RATE, Audio, frames, read_audio, silence
+from heimdall_edge.audio import (
+    FRAME_MS,
+    FRAME_SAMPLES,
+    SAMPLE_RATE,
+    Audio,
+    frames,
+    read_audio,
+    silence,
+)
 from heimdall_edge.listen.earcon import FOLLOW_UP_EARCON, WAKE_EARCON
 from heimdall_edge.listen.earcon_canceller import EarconCanceller
 from heimdall_edge.listen.frontend import NoiseAndGain
@@ -233,7 +241,7 @@ def test_the_refractory_period_and_the_cutoff_are_settings(voice: PiperSpeaker) 
 
 def test_the_own_voice_guard_knows_when_the_speaker_says_the_wake_word(voice: PiperSpeaker) -> None:
     detector = WakeWordDetector("hey_jarvis", cutoff=None, refractory_ms=2000)
-    guard = OwnVoiceGuard(detector.twin(), settle_frames=14)
+    guard = OwnVoiceGuard(detector, settle_frames=14)
     reply = voice.say("Hey Jarvis is my name.", pace=1.0)
     guard.playback_started(mic_frame=100)
     rate = 22_050  # as Piper sends it
@@ -245,3 +253,29 @@ def test_the_own_voice_guard_knows_when_the_speaker_says_the_wake_word(voice: Pi
     assert not guard.covers(99 - 10) and not guard.covers(100 + len(reply) // 480 + 40)
     guard.playback_started(mic_frame=1000)
     assert not guard.covers(1000)
+
+
+def test_the_guard_keeps_time_with_the_microphone_when_the_speaker_runs_dry(
+    voice: PiperSpeaker,
+) -> None:
+    """A reply that says the wake word in two sentences, the second synthesized 2 s late: the
+    microphone hears the gap (its refractory period runs out, it wakes twice), and so does
+    the twin."""
+    first = to_pcm(voice.say("You can wake me by saying hey jarvis."))
+    second = to_pcm(voice.say("Hey Jarvis is my name."))
+    start, gap = 100, 67
+    resumes = start + len(frames(first)) + gap
+    mic = WakeWordDetector("hey_jarvis", cutoff=None, refractory_ms=2000)
+    guard = OwnVoiceGuard(mic, settle_frames=14)
+    guard.playback_started(mic_frame=start)
+    guard.played(Audio(first, SAMPLE_RATE), mic_frame=start)
+    heard = silence(start * FRAME_MS) + b"".join(frames(first)) + silence(gap * FRAME_MS) + second
+    woke = []
+    for read, frame in enumerate(frames(heard), start=1):
+        if read == resumes:
+            guard.played(Audio(second, SAMPLE_RATE), mic_frame=read)
+        guard.heard(read)
+        if mic.feed(frame):
+            woke.append(read)
+    assert len(woke) == 2, "the microphone hears the wake word in both sentences"
+    assert all(guard.covers(frame) for frame in woke), woke

@@ -47,7 +47,7 @@ class ScriptedWake:
     def feed(self, frame: bytes) -> bool:
         return frame[0] == 2
 
-    def twin(self) -> ScriptedWake:
+    def twin(self, cutoff: float) -> ScriptedWake:
         return ScriptedWake()
 
 

@@ -89,7 +89,7 @@ class Listener:
         self._endpointer = Endpointer(settings, is_speech)
         self._wake = wake if settings.mode != "button" else None
         self._guard = (
-            OwnVoiceGuard(self._wake.twin(), frames_for(settings.settle_ms)) if self._wake else None
+            OwnVoiceGuard(self._wake, frames_for(settings.settle_ms)) if self._wake else None
         )
         self._front_end = front_end
         self._canceller = EarconCanceller()
@@ -214,6 +214,8 @@ class Listener:
                 not self._stopping and self.frames_read < self._settle_until
             ):
                 frame = await self._read()
+                if self._guard is not None:
+                    self._guard.heard(self.frames_read)
                 if self._wake is None or not self._wake.feed(frame):
                     continue
                 if self._guard is not None and self._guard.covers(self.frames_read):

@@ -49,8 +49,8 @@ class WakeWord(Protocol):
         """Add one 30 ms frame; True if the wake word was just heard."""
         ...
 
-    def twin(self) -> WakeWord:
-        """A detector like this one, for another stream of audio."""
+    def twin(self, cutoff: float) -> WakeWord:
+        """A detector with this one's model for another stream, true on every frame above `cutoff`."""
         ...
 
 
@@ -80,13 +80,9 @@ class WakeWordDetector:
             refractory_ms=settings.wake_refractory_ms,
         )
 
-    def twin(self) -> WakeWordDetector:
-        """A second detector with the same model and cutoff, for another stream (the speaker's own output)."""
-        return WakeWordDetector(
-            self._wake_word,
-            cutoff=self.model.cutoff,
-            refractory_ms=self._refractory_frames * FRAME_MS,
-        )
+    def twin(self, cutoff: float) -> WakeWordDetector:
+        """A detector with this one's model for another stream, true on every frame above `cutoff`."""
+        return WakeWordDetector(self._wake_word, cutoff=cutoff, refractory_ms=0)
 
     def feed(self, frame: bytes) -> bool:
         """Add one 30 ms frame; True if the wake word was just heard."""
