@@ -9,8 +9,10 @@ debootstrap, proot or qemu on that PATH and no apt-get to install them, or with
 from __future__ import annotations
 
 import fcntl
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -172,3 +174,48 @@ def test_bad_arguments(host, args: list[str], env: dict[str, str], message: str)
     done = host(*args, **env)
     assert done.returncode == 1
     assert message in done.stderr
+
+
+# --- scripts/proot-compat: the seccomp filter proot runs under ---------------------------------
+
+PROOT_COMPAT = [sys.executable, str(REPO / "scripts" / "proot-compat")]
+
+
+def run(args: list[str], **kwargs) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, check=False, **kwargs)
+
+
+MOUNT_CALLS = """
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+target = os.environ["TARGET"].encode()
+print(libc.mount(b"none", target, b"tmpfs", 0, None), libc.umount2(target, 0))
+print(os.path.ismount(os.environ["TARGET"]))
+"""
+
+
+def test_proot_compat_makes_mount_and_umount_no_ops_that_succeed(tmp_path: Path) -> None:
+    """What runs in the root (as real root) may not mount or unmount the host's file systems:
+    the calls return 0 and change nothing. Without the filter they fail here (no such target)."""
+    env = {**os.environ, "TARGET": str(tmp_path / "no-such-folder")}
+    calls = [sys.executable, "-c", MOUNT_CALLS]
+    plain = run(calls, env=env)
+    assert plain.stdout.split() == ["-1", "-1", "False"], plain.stderr
+    filtered = run([*PROOT_COMPAT, *calls], env=env)
+    assert filtered.stdout.split() == ["0", "0", "False"], filtered.stderr
+
+
+def test_proot_compat_refuses_the_calls_proot_does_not_translate_and_callers_fall_back(
+    tmp_path: Path,
+) -> None:
+    """statx and faccessat2 answer ENOSYS; stat(1) and test -x then use the older calls."""
+    tool = tmp_path / "tool"
+    tool.write_text("#!/bin/sh\n")
+    tool.chmod(0o755)
+    script = f"test -x {tool} && stat -c %s {tool}"
+    done = run([*PROOT_COMPAT, "sh", "-c", script])
+    assert (done.returncode, done.stdout.strip()) == (0, "10"), done.stderr
+    probe = "import ctypes; libc = ctypes.CDLL(None, use_errno=True); "
+    probe += "print(libc.syscall(332, -100, b'/', 0, 0, None), ctypes.get_errno())"  # statx
+    done = run([*PROOT_COMPAT, sys.executable, "-c", probe])
+    assert done.stdout.split() == ["-1", "38"], done.stderr  # ENOSYS
