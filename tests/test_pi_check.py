@@ -2,8 +2,9 @@
 
 Each test runs the real script with a PATH of its own (only the commands it names)
 and a cache under tmp_path, and stops it before anything is built: with no
-debootstrap, proot or qemu on that PATH and no apt-get to install them, or with
-`df` reporting a full disk. The build itself (tens of minutes) is `make pi-check`.
+debootstrap, proot or qemu on that PATH and no apt-get to install them, with `df`
+reporting a full disk, or with a debootstrap that fails half-way. The build itself
+(tens of minutes) is `make pi-check`.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ HOST_COMMANDS = [
     "sort",
     "tr",
     "python3",
+    "mktemp",
+    "nproc",
+    "tail",
 ]
 
 
@@ -152,6 +156,27 @@ def test_a_build_cut_short_is_removed(host) -> None:
     done = host()
     assert f"removing {half_built}, left by a build that was interrupted" in done.stdout
     assert not half_built.exists()
+
+
+def test_a_download_failing_half_way_leaves_no_root(host) -> None:
+    bin_dir = host.cache.parent / "bin"
+    # debootstrap's first stage, failing after it has begun to fill its target
+    # (the argument before the mirror).
+    fake(
+        bin_dir,
+        "debootstrap",
+        'eval "target=\\${$(($# - 1))}"; mkdir -p "$target/var/cache/apt/archives"\n'
+        'echo "E: Couldn\'t download http://mirror.invalid/debian/pool/main/g/glibc/libc6.deb" >&2\n'
+        "exit 1",
+    )
+    for name in ("proot", "qemu-aarch64-static"):
+        fake(bin_dir, name, "exit 1")
+    done = host(PI_CHECK_MIRROR="http://mirror.invalid/debian")
+    assert done.returncode == 1
+    assert "Couldn't download http://mirror.invalid" in done.stderr
+    assert "Root: debootstrap, first stage (downloads) failed" in done.stderr
+    assert "The half-built root is removed, so the next run starts clean" in done.stderr
+    assert [p.name for p in host.cache.iterdir() if p.name.startswith("pi-root")] == []
 
 
 def test_two_runs_never_share_the_cache(host) -> None:
