@@ -30,8 +30,10 @@ from heimdall_edge.settings import SyncSettings
 from heimdall_edge.spool.keeper import SpoolKeeper
 from heimdall_edge.spool.store import CaptureRecord, Spool
 from heimdall_edge.sync.bandwidth import TokenBucket
-from heimdall_edge.sync.cloudstore import CaptureStore, PutResult, StoreConfig, index_item
+from heimdall_edge.sync.cloudstore import CaptureStore, PutResult
+from heimdall_edge.sync.index_item import index_item
 from heimdall_edge.sync.results import SYNC_OFF, Outcome, SyncProgress
+from heimdall_edge.sync.store_config import StoreConfig
 from heimdall_edge.sync.syncer import Syncer
 from heimdall_edge.testing.clocks import FakeClock
 from heimdall_edge.testing.moto import MotoServer, use_aws_test_env

@@ -43,8 +43,9 @@ from heimdall_edge.spool.store import (
     iso_utc,
 )
 from heimdall_edge.sync.bandwidth import TokenBucket, UploadHalted
-from heimdall_edge.sync.cloudstore import PutResult, index_item
+from heimdall_edge.sync.cloudstore import PutResult
 from heimdall_edge.sync.gate import StoreGate
+from heimdall_edge.sync.index_item import index_item
 from heimdall_edge.sync.results import CaptureResult, Outcome, Totals
 
 if TYPE_CHECKING:
