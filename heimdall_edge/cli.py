@@ -26,7 +26,8 @@ from heimdall_edge.audio import AudioError, read_audio
 from heimdall_edge.devices.base import DeviceError, MicrophoneEnded
 from heimdall_edge.engines.base import EngineError
 from heimdall_edge.settings import Settings, SettingsError, load_settings
-from heimdall_edge.spool.store import CaptureRecord, SpoolError
+from heimdall_edge.spool.errors import SpoolError
+from heimdall_edge.spool.record import CaptureRecord
 from heimdall_edge.sync.results import SyncProgress, SyncReport
 from heimdall_edge.sync.syncer import Syncer
 

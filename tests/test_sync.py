@@ -28,7 +28,8 @@ from heimdall_edge.cloud.connectivity import Connectivity, tcp_probe
 from heimdall_edge.cloud.errors import ErrorKind
 from heimdall_edge.settings import SyncSettings
 from heimdall_edge.spool.keeper import SpoolKeeper
-from heimdall_edge.spool.store import CaptureRecord, Spool
+from heimdall_edge.spool.record import CaptureRecord
+from heimdall_edge.spool.store import Spool
 from heimdall_edge.sync.bandwidth import TokenBucket
 from heimdall_edge.sync.cloudstore import CaptureStore, PutResult
 from heimdall_edge.sync.index_item import index_item

@@ -59,7 +59,7 @@ from boto3.dynamodb.types import TypeSerializer
 from botocore.config import Config
 
 from heimdall_edge.cloud.errors import ErrorKind
-from heimdall_edge.spool.store import CaptureRecord
+from heimdall_edge.spool.record import CaptureRecord
 from heimdall_edge.sync.index_item import dynamo_value
 from heimdall_edge.sync.store_config import StoreConfig
 from heimdall_edge.sync.store_errors import (

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from heimdall_edge.spool.store import CaptureRecord, iso_utc
+from heimdall_edge.spool.record import CaptureRecord, iso_utc
 
 
 def index_item(

@@ -22,8 +22,10 @@ from heimdall_edge.cloud.breaker import BreakerState
 from heimdall_edge.cloud.errors import RETRYABLE, CloudError, ErrorKind
 from heimdall_edge.settings import SyncSettings
 from heimdall_edge.spool import lease
+from heimdall_edge.spool.errors import CaptureNotFoundError, SpoolError
 from heimdall_edge.spool.keeper import SpoolKeeper
-from heimdall_edge.spool.store import CaptureNotFoundError, CaptureRecord, Spool, SpoolError
+from heimdall_edge.spool.record import CaptureRecord
+from heimdall_edge.spool.store import Spool
 from heimdall_edge.sync.gate import SERVICE, StoreGate
 from heimdall_edge.sync.iot_credentials import SERVICE as CREDENTIALS_SERVICE
 from heimdall_edge.sync.results import (

@@ -26,8 +26,10 @@ from typing import TYPE_CHECKING, Any
 from heimdall_edge.cloud.breaker import BreakerState, CircuitBreaker, Clock
 from heimdall_edge.cloud.errors import CloudError, ErrorKind
 from heimdall_edge.settings import SyncSettings
+from heimdall_edge.spool.errors import SpoolError
 from heimdall_edge.spool.keeper import SpoolKeeper
-from heimdall_edge.spool.store import CaptureRecord, Spool, SpoolError, iso_utc
+from heimdall_edge.spool.record import CaptureRecord, iso_utc
+from heimdall_edge.spool.store import Spool
 from heimdall_edge.sync.bandwidth import TokenBucket
 from heimdall_edge.sync.gate import SERVICE, StoreGate
 from heimdall_edge.sync.results import (

@@ -33,15 +33,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from heimdall_edge.cloud.errors import CloudError, ErrorKind
+from heimdall_edge.spool.errors import CaptureNotFoundError, SpoolError
 from heimdall_edge.spool.keeper import SpoolKeeper
-from heimdall_edge.spool.store import (
-    RECORD_NAME,
-    CaptureNotFoundError,
-    CaptureRecord,
-    Spool,
-    SpoolError,
-    iso_utc,
-)
+from heimdall_edge.spool.record import RECORD_NAME, CaptureRecord, iso_utc
+from heimdall_edge.spool.store import Spool
 from heimdall_edge.sync.bandwidth import TokenBucket, UploadHalted
 from heimdall_edge.sync.cloudstore import PutResult
 from heimdall_edge.sync.gate import StoreGate
