@@ -28,6 +28,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import Callable
+from dataclasses import KW_ONLY, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,33 +53,23 @@ FileDone = Callable[[str, int], None]
 """Told each file's name and size once it is in the store."""
 
 
+@dataclass
 class CaptureUpload:
     """Puts captures into one store, exactly once each, however often it is asked."""
 
-    def __init__(
-        self,
-        spool: Spool,
-        store: CaptureStore,
-        gate: StoreGate,
-        keeper: SpoolKeeper,
-        totals: Totals,
-        *,
-        halt: threading.Event,
-        bandwidth: TokenBucket | None,
-        wall_clock: Callable[[], datetime],
-    ) -> None:
-        """`halt`, once set, ends the uploads in worker threads at their next capped read."""
-        self.spool = spool
-        self.store = store
-        self.gate = gate
-        self.keeper = keeper
-        self.totals = totals
-        self.bandwidth = bandwidth
-        self._halt = halt
-        self._now = wall_clock
-        self._lock = threading.Lock()
-        self._confirmed: dict[str, dict[str, tuple[str, str]]] = {}
-        """Per pending capture: files S3 confirmed (name -> key, sha256) in this process."""
+    spool: Spool
+    store: CaptureStore
+    gate: StoreGate
+    keeper: SpoolKeeper
+    totals: Totals
+    _: KW_ONLY
+    halt: threading.Event
+    """Once set, ends the uploads in worker threads at their next capped read."""
+    bandwidth: TokenBucket | None
+    wall_clock: Callable[[], datetime]
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+    _confirmed: dict[str, dict[str, tuple[str, str]]] = field(default_factory=dict, init=False)
+    """Per pending capture: files S3 confirmed (name -> key, sha256) in this process."""
 
     async def upload(
         self, record: CaptureRecord, progress: FileDone | None = None
@@ -164,7 +155,7 @@ class CaptureUpload:
             already += 1
         keys[RECORD_NAME] = manifest
 
-        synced_at = self._now()
+        synced_at = self.wall_clock()
         if _has_index(store):
             item = index_item(current, keys, sizes, synced_at=synced_at)
             put = await self.gate.call(store.put_index, item)
@@ -218,7 +209,7 @@ class CaptureUpload:
         with open(path, "rb") as file:
 
             def read(n: int) -> bytes:
-                if self._halt.is_set():
+                if self.halt.is_set():
                     raise UploadHalted("the syncer is stopping")
                 data = file.read(n)
                 bandwidth.consume(len(data))
