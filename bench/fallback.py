@@ -62,7 +62,8 @@ async def measure(limit: int | None = None) -> dict:
     from heimdall_edge.listen.endpointer import EndReason, Utterance
     from heimdall_edge.settings import load_settings
     from heimdall_edge.spool.store import Spool
-    from heimdall_edge.testing.fakecloud import FakeCloud, Fault
+    from heimdall_edge.testing.fakecloud.cloud import FakeCloud
+    from heimdall_edge.testing.fakecloud.wire import Fault
     from heimdall_edge.turn.interaction import Interaction
     from heimdall_edge.turn.routing import Engines
 
@@ -170,7 +171,8 @@ async def measure_turns(limit: int | None = None) -> dict:
     from heimdall_edge.audio import read_audio
     from heimdall_edge.settings import load_settings
     from heimdall_edge.spool.store import Spool
-    from heimdall_edge.testing.fakecloud import FakeCloud, Fault
+    from heimdall_edge.testing.fakecloud.cloud import FakeCloud
+    from heimdall_edge.testing.fakecloud.wire import Fault
 
     state = Path(tempfile.mkdtemp(prefix="heimdall-bench-"))
     for name in [k for k in os.environ if k.startswith("HEIMDALL_RESILIENCE__")]:
@@ -220,7 +222,7 @@ async def one_service_down(engines, spool, clip) -> dict[str, list[dict]]:
     """OpenAI refusing connections while ElevenLabs answers, and the reverse: each speech
     service on a fake cloud of its own, so that one can be unreachable alone."""
     from bench.turn_scenarios import successive_turns
-    from heimdall_edge.testing.fakecloud import FakeCloud
+    from heimdall_edge.testing.fakecloud.cloud import FakeCloud
 
     names = ("OPENAI", "ELEVENLABS")
     saved = {k: os.environ[k] for n in names for k in (f"HEIMDALL_{n}_BASE_URL", f"{n}_API_KEY")}

@@ -138,7 +138,8 @@ MOTO_ENV = {
 # ---- the children: fake cloud and moto, each in its own process -------------------------------
 def _child_fakecloud() -> None:
     """The fake cloud; reads one JSON command per line ({"faults": ..., "refuse": ...}), answers ok."""
-    from heimdall_edge.testing.fakecloud import FakeCloud, Fault
+    from heimdall_edge.testing.fakecloud.cloud import FakeCloud
+    from heimdall_edge.testing.fakecloud.wire import Fault
 
     asked = itertools.cycle(["what time is it", "what can you see", "what's the date today"])
     answer = itertools.count()

@@ -26,8 +26,10 @@ from heimdall_edge.audio import AudioError, read_audio
 from heimdall_edge.devices.base import DeviceError, MicrophoneEnded
 from heimdall_edge.engines.base import EngineError
 from heimdall_edge.settings import Settings, SettingsError, load_settings
-from heimdall_edge.spool.store import CaptureRecord, SpoolError
-from heimdall_edge.sync.syncer import Syncer, SyncProgress, SyncReport
+from heimdall_edge.spool.errors import SpoolError
+from heimdall_edge.spool.record import CaptureRecord
+from heimdall_edge.sync.results import SyncProgress, SyncReport
+from heimdall_edge.sync.syncer import Syncer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 captures_app = typer.Typer(help="List captures kept on the device, or show one.")

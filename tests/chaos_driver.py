@@ -79,7 +79,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from heimdall_edge.testing.fakecloud import ROUTES, FakeCloud, Fault
+from heimdall_edge.testing.fakecloud.cloud import FakeCloud
+from heimdall_edge.testing.fakecloud.wire import ROUTES, Fault
 from heimdall_edge.testing.moto import AWS_ENV_TO_UNSET, DEFAULT_REGION, MotoServer, aws_test_env
 from heimdall_edge.turn.backfill import CUT_SHORT
 from tests.chaos_clock import ClockStepper, SkewCheckingMotoServer, Step, faketime_env

@@ -14,7 +14,7 @@ from heimdall_edge.audio import Audio, read_audio
 from heimdall_edge.engines.base import Transcript
 from heimdall_edge.settings import load_settings
 from heimdall_edge.spool.store import Spool
-from heimdall_edge.testing.fakecloud import FakeCloud
+from heimdall_edge.testing.fakecloud.cloud import FakeCloud
 from heimdall_edge.turn.backfill import CUT_SHORT, Backfill, cut_short
 
 LEFT_BY_A_DEAD_PROCESS = """

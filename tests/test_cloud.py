@@ -20,7 +20,8 @@ from heimdall_edge.audio import read_audio
 from heimdall_edge.cloud.breaker import BreakerState
 from heimdall_edge.engines.base import ReplyRequest
 from heimdall_edge.settings import load_settings
-from heimdall_edge.testing.fakecloud import FakeCloud, Fault
+from heimdall_edge.testing.fakecloud.cloud import FakeCloud
+from heimdall_edge.testing.fakecloud.wire import Fault
 from heimdall_edge.turn.routing import Engines
 from tests.shared import streams_left_to_the_gc
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from heimdall_edge.testing.fakecloud import FakeCloud, Fault
+from heimdall_edge.testing.fakecloud.cloud import FakeCloud
+from heimdall_edge.testing.fakecloud.wire import Fault
 from heimdall_edge.turn.interaction import SAY_NOT_UNDERSTOOD
 from tests.shared import printed
 

@@ -29,16 +29,11 @@ from botocore.parsers import ResponseParserError
 
 from heimdall_edge.cloud.errors import CloudError, ErrorKind
 from heimdall_edge.settings import Settings, SettingsError
-from heimdall_edge.spool.store import CaptureRecord
-from heimdall_edge.sync.cloudstore import (
-    READ_BLOCK,
-    CaptureStore,
-    PutResult,
-    StoreConfig,
-    StoreError,
-    classify_aws,
-    index_item,
-)
+from heimdall_edge.spool.record import CaptureRecord
+from heimdall_edge.sync.cloudstore import READ_BLOCK, CaptureStore, PutResult
+from heimdall_edge.sync.index_item import index_item
+from heimdall_edge.sync.store_config import StoreConfig
+from heimdall_edge.sync.store_errors import StoreError, classify_aws
 from heimdall_edge.testing.moto import MotoServer, use_aws_test_env
 
 BUCKET = "heimdall-test"

@@ -370,7 +370,8 @@ async def test_each_service_probes_its_own_host_and_is_down_alone(
 def test_the_store_is_probed_at_its_regional_endpoint_without_an_endpoint_url(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from heimdall_edge.sync.cloudstore import CaptureStore, StoreConfig
+    from heimdall_edge.sync.cloudstore import CaptureStore
+    from heimdall_edge.sync.store_config import StoreConfig
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")

@@ -25,7 +25,8 @@ from heimdall_edge.engines.local.offline_reply import OfflineReplyEngine
 from heimdall_edge.listen.earcon import FOLLOW_UP_EARCON, WAKE_EARCON
 from heimdall_edge.listen.wakeword import WakeWordDetector
 from heimdall_edge.settings import ListeningSettings, Settings, load_settings
-from heimdall_edge.spool.store import CaptureRecord, Spool
+from heimdall_edge.spool.record import CaptureRecord
+from heimdall_edge.spool.store import Spool
 from heimdall_edge.testing.text import words
 from heimdall_edge.testing.voices import PiperSpeaker, babble, to_pcm
 from heimdall_edge.turn.routing import Engines

@@ -30,7 +30,8 @@ import pytest
 from elevenlabs.client import AsyncElevenLabs
 from elevenlabs.core.api_error import ApiError
 
-from heimdall_edge.testing.fakecloud import FakeCloud, Fault, parse_multipart
+from heimdall_edge.testing.fakecloud.cloud import FakeCloud
+from heimdall_edge.testing.fakecloud.wire import Fault, parse_multipart
 
 REPLY = "It is a fine day. Is there anything else?"
 NO_RETRY = {"max_retries": 0}

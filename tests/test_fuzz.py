@@ -36,7 +36,9 @@ from pydantic.fields import FieldInfo
 
 from heimdall_edge.audio import SAMPLE_RATE, Audio, AudioError, read_audio
 from heimdall_edge.settings import BUILTIN_WAKE_WORDS, Settings, SettingsError, load_settings
-from heimdall_edge.spool.store import RECORD_KEYS, CaptureRecord, Spool, SpoolError
+from heimdall_edge.spool.errors import SpoolError
+from heimdall_edge.spool.record import RECORD_KEYS, CaptureRecord
+from heimdall_edge.spool.store import Spool
 
 REPO = Path(__file__).resolve().parents[1]
 # Hypothesis keeps a cache (.hypothesis/); keep it out of the repository.

@@ -18,7 +18,8 @@ from heimdall_edge.engines.local.offline_reply import OfflineReplyEngine
 from heimdall_edge.engines.local.piper import PiperEngine
 from heimdall_edge.listen.earcon import ERROR_EARCON
 from heimdall_edge.listen.endpointer import EndReason, Utterance
-from heimdall_edge.spool.store import Spool, SpoolFullError
+from heimdall_edge.spool.errors import SpoolFullError
+from heimdall_edge.spool.store import Spool
 from heimdall_edge.turn.interaction import SAY_NOT_UNDERSTOOD, SAY_STORAGE_FULL, Interaction
 from heimdall_edge.turn.routing import Engines
 

@@ -30,13 +30,13 @@ import pytest
 
 from heimdall_edge.cloud.errors import ErrorKind
 from heimdall_edge.settings import Settings, SettingsError, load_settings
-from heimdall_edge.sync.cloudstore import StoreError
 from heimdall_edge.sync.iot_credentials import (
     REFRESH_BEFORE_S,
     IotCredentialsProvider,
     IotIdentity,
     iot_session,
 )
+from heimdall_edge.sync.store_errors import StoreError
 from heimdall_edge.testing.moto import DEFAULT_REGION, MotoServer, use_aws_test_env
 from tests.fake_iot import DeviceCert, FakeIotProvider, TestPki
 

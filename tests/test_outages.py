@@ -24,8 +24,10 @@ from heimdall_edge.audio import read_audio, silence
 from heimdall_edge.engines.base import ReplyRequest
 from heimdall_edge.engines.local.offline_reply import OFFLINE_ACK, OfflineReplyEngine
 from heimdall_edge.settings import Settings, load_settings
-from heimdall_edge.spool.store import CaptureRecord, Spool
-from heimdall_edge.testing.fakecloud import FakeCloud, Fault
+from heimdall_edge.spool.record import CaptureRecord
+from heimdall_edge.spool.store import Spool
+from heimdall_edge.testing.fakecloud.cloud import FakeCloud
+from heimdall_edge.testing.fakecloud.wire import Fault
 from heimdall_edge.testing.moto import MotoServer, moto_store
 from heimdall_edge.turn.interaction import FIXED_PHRASES
 from heimdall_edge.turn.preferred_voice import POLL_S, PreferredVoice

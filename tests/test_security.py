@@ -33,8 +33,9 @@ import pytest
 
 from heimdall_edge.app import builders
 from heimdall_edge.settings import load_settings
-from heimdall_edge.sync.cloudstore import CaptureStore, StoreConfig
-from heimdall_edge.testing.fakecloud import FakeCloud
+from heimdall_edge.sync.cloudstore import CaptureStore
+from heimdall_edge.sync.store_config import StoreConfig
+from heimdall_edge.testing.fakecloud.cloud import FakeCloud
 from heimdall_edge.testing.moto import DEFAULT_REGION, MotoServer, moto_store, use_aws_test_env
 
 REPO = Path(__file__).resolve().parents[1]

@@ -21,8 +21,10 @@ from heimdall_edge.app import builders
 from heimdall_edge.app.appliance import Appliance
 from heimdall_edge.cloud.breaker import BreakerState
 from heimdall_edge.settings import Settings, load_settings
-from heimdall_edge.spool.store import CaptureRecord, Spool
-from heimdall_edge.testing.fakecloud import FakeCloud, Fault
+from heimdall_edge.spool.record import CaptureRecord
+from heimdall_edge.spool.store import Spool
+from heimdall_edge.testing.fakecloud.cloud import FakeCloud
+from heimdall_edge.testing.fakecloud.wire import Fault
 from heimdall_edge.turn.routing import Engines
 
 CLOUD_TEXT = "what time is it up in the cloud"

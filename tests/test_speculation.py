@@ -26,8 +26,10 @@ from heimdall_edge.devices.base import Playback
 from heimdall_edge.engines.base import ReplyRequest, Transcript
 from heimdall_edge.listen.endpointer import Endpointer, EndReason, Utterance
 from heimdall_edge.settings import ListeningSettings, Settings, load_settings
-from heimdall_edge.spool.store import CaptureRecord, Spool
-from heimdall_edge.testing.fakecloud import FakeCloud, Fault
+from heimdall_edge.spool.record import CaptureRecord
+from heimdall_edge.spool.store import Spool
+from heimdall_edge.testing.fakecloud.cloud import FakeCloud
+from heimdall_edge.testing.fakecloud.wire import Fault
 from heimdall_edge.turn.interaction import Interaction, answerable
 from heimdall_edge.turn.routing import Engines
 from heimdall_edge.turn.speculation import Speculation

@@ -21,14 +21,14 @@ import pytest
 
 from heimdall_edge.spool import durable
 from heimdall_edge.spool import store as spool_module
-from heimdall_edge.spool.store import (
+from heimdall_edge.spool.errors import (
     CaptureNotFoundError,
-    CaptureRecord,
-    Spool,
     SpoolError,
     SpoolFullError,
     SpoolUnavailable,
 )
+from heimdall_edge.spool.record import CaptureRecord, record_row
+from heimdall_edge.spool.store import Spool
 
 T0 = datetime(2026, 11, 26, 22, 53, 0, 123456, tzinfo=UTC)
 AUDIO = b"RIFF-not-really-a-wav" * 100
@@ -464,7 +464,7 @@ def test_recovery_repairs_an_index_row_older_than_its_record(root: Path) -> None
     with index(root) as db:
         db.execute(
             "UPDATE captures SET sync_state = ?, record = ?",
-            ("pending", spool_module._record_row(record)),
+            ("pending", record_row(record)),
         )
     with reopen(root) as spool:
         assert spool.recovered.rows_repaired == 1
@@ -551,7 +551,7 @@ def test_recovery_quarantines_a_damaged_capture(
         assert spool.counts()["pending"] == 1
     assert (root / "quarantine" / bad.capture_id).is_dir()
     assert not (root / "captures" / bad.capture_id).exists()
-    warnings = [r.getMessage() for r in caplog.records if r.name == "heimdall_edge.spool.store"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "heimdall_edge.spool.recovery"]
     assert any(f"quarantined capture {bad.capture_id}" in m and reason in m for m in warnings), (
         warnings
     )

@@ -21,7 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-from heimdall_edge.spool.store import CaptureRecord, Spool
+from heimdall_edge.spool.record import CaptureRecord
+from heimdall_edge.spool.store import Spool
 
 REPO = Path(__file__).resolve().parents[1]
 ROUNDS = 22

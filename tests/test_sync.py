@@ -28,9 +28,14 @@ from heimdall_edge.cloud.connectivity import Connectivity, tcp_probe
 from heimdall_edge.cloud.errors import ErrorKind
 from heimdall_edge.settings import SyncSettings
 from heimdall_edge.spool.keeper import SpoolKeeper
-from heimdall_edge.spool.store import CaptureRecord, Spool
-from heimdall_edge.sync.cloudstore import CaptureStore, PutResult, StoreConfig, index_item
-from heimdall_edge.sync.syncer import SYNC_OFF, Outcome, Syncer, SyncProgress, TokenBucket
+from heimdall_edge.spool.record import CaptureRecord
+from heimdall_edge.spool.store import Spool
+from heimdall_edge.sync.bandwidth import TokenBucket
+from heimdall_edge.sync.cloudstore import CaptureStore, PutResult
+from heimdall_edge.sync.index_item import index_item
+from heimdall_edge.sync.results import SYNC_OFF, Outcome, SyncProgress
+from heimdall_edge.sync.store_config import StoreConfig
+from heimdall_edge.sync.syncer import Syncer
 from heimdall_edge.testing.clocks import FakeClock
 from heimdall_edge.testing.moto import MotoServer, use_aws_test_env
 from tests.shared import until
@@ -1010,7 +1015,7 @@ async def test_run_takes_the_store_offline_from_its_calls_and_probes_it_back_its
 
 
 def test_backoff_has_jitter_within_bounds(spool: Spool) -> None:
-    from heimdall_edge.sync.syncer import SyncReport
+    from heimdall_edge.sync.results import SyncReport
 
     values = iter([0.0, 0.5, 1.0])
     sync = syncer(spool, None, retry_max_s=60, backoff_base_s=2.0, jitter=lambda: next(values))

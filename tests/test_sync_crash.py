@@ -40,7 +40,8 @@ SEED = 20261127
 
 SYNCER = r"""
 import asyncio, json, logging, sys
-from heimdall_edge.sync.cloudstore import CaptureStore, StoreConfig
+from heimdall_edge.sync.cloudstore import CaptureStore
+from heimdall_edge.sync.store_config import StoreConfig
 from heimdall_edge.settings import SyncSettings
 from heimdall_edge.spool.store import Spool
 from heimdall_edge.sync.syncer import Syncer

@@ -19,7 +19,7 @@ from heimdall_edge.cloud.errors import CloudError, ErrorKind
 from heimdall_edge.engines.base import Transcript
 from heimdall_edge.settings import load_settings
 from heimdall_edge.spool.store import Spool
-from heimdall_edge.testing.fakecloud import FakeCloud
+from heimdall_edge.testing.fakecloud.cloud import FakeCloud
 from heimdall_edge.testing.moto import MotoServer, heimdall_store_env, use_aws_test_env
 from heimdall_edge.turn.upgrade import ON_DEVICE, Upgrade, upgradable
 

@@ -25,8 +25,10 @@ from heimdall_edge.engines.local.offline_reply import OfflineReplyEngine
 from heimdall_edge.engines.local.piper import PiperEngine
 from heimdall_edge.settings import Settings, SettingsError
 from heimdall_edge.spool.store import Spool
-from heimdall_edge.sync.cloudstore import CaptureStore, StoreConfig, StoreError
+from heimdall_edge.sync.cloudstore import CaptureStore
 from heimdall_edge.sync.iot_credentials import IotCredentialsProvider, IotIdentity, iot_session
+from heimdall_edge.sync.store_config import StoreConfig
+from heimdall_edge.sync.store_errors import StoreError
 from heimdall_edge.sync.syncer import Syncer
 from heimdall_edge.turn.routing import Cloud, Engines
 from heimdall_edge.turn.voice_cache import VoiceCache, VoiceCacheError

@@ -265,7 +265,8 @@ def _sync(settings: Settings) -> Check:
     """Whether captures can reach the store, and how many are waiting."""
     from heimdall_edge.app.builders import open_store
     from heimdall_edge.spool.store import Spool
-    from heimdall_edge.sync.cloudstore import StoreConfig, StoreError
+    from heimdall_edge.sync.store_config import StoreConfig
+    from heimdall_edge.sync.store_errors import StoreError
 
     with Spool(settings.spool_dir) as spool:
         counts = spool.counts()

@@ -248,3 +248,12 @@ def open_sqlite(
         with contextlib.suppress(FileNotFoundError):
             os.chmod(f"{path}{suffix}", FILE_MODE)
     return db
+
+
+def free_name(folder: Path, name: str) -> Path:
+    """A path in `folder` named `name`, suffixed .1, .2... if that is taken."""
+    target, n = folder / name, 0
+    while target.exists():
+        n += 1
+        target = folder / f"{name}.{n}"
+    return target

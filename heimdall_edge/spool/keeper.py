@@ -21,13 +21,9 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 
 from heimdall_edge.settings import SyncSettings
-from heimdall_edge.spool.store import (
-    CaptureChangedError,
-    CaptureNotFoundError,
-    CaptureRecord,
-    Spool,
-    iso_utc,
-)
+from heimdall_edge.spool.errors import CaptureChangedError, CaptureNotFoundError
+from heimdall_edge.spool.record import CaptureRecord, iso_utc
+from heimdall_edge.spool.store import Spool
 
 log = logging.getLogger(__name__)
 

@@ -17,58 +17,53 @@ import builtins
 import contextlib
 import dataclasses
 import fcntl
-import hashlib
 import json
 import logging
-import math
 import os
-import re
 import shutil
 import sqlite3
-import stat
 import threading
-from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, Self, TypedDict, get_args
+from typing import Any, Self
 
 from heimdall_edge.spool import durable, lease
+from heimdall_edge.spool.errors import (
+    CaptureChangedError,
+    CaptureNotFoundError,
+    SpoolError,
+    SpoolFullError,
+    SpoolUnavailable,
+)
+from heimdall_edge.spool.record import (
+    AUDIO_NAME,
+    CAPTURE_ID,
+    CONTENT,
+    FILE_NAME,
+    INDEX_NAME,
+    RECORD_NAME,
+    SYNC_STATES,
+    UPDATABLE,
+    CaptureRecord,
+    SyncState,
+    Trigger,
+    check_file,
+    file_info,
+    new_capture_id,
+    read_record,
+    record_file_bytes,
+    record_row,
+    to_ms,
+    validated,
+)
+from heimdall_edge.spool.recovery import Recovery, RecoveryReport
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-Trigger = Literal["button", "voice", "wake_word", "follow_up"]
-"""What started a capture: a press, speech onset (no wake word set), the wake word, or speech in a follow-up window."""
-Status = Literal["captured", "complete", "failed"]
-SyncState = Literal["pending", "synced", "failed"]
-TRIGGERS: tuple[str, ...] = get_args(Trigger)
-STATUSES: tuple[str, ...] = get_args(Status)
-SYNC_STATES: tuple[str, ...] = get_args(SyncState)
-
-AUDIO_NAME = "audio.wav"
-RECORD_NAME = "capture.json"
-INDEX_NAME = "index.sqlite3"
 LOCK_NAME = "spool.lock"
 EVICT_LOCK_NAME = "evict.lock"
 BUSY_TIMEOUT_S = 10.0
-
-CAPTURE_ID = re.compile(r"\d{8}T\d{9}Z-[0-9a-f]{8}")
-FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-SHA256_HEX = re.compile(r"[0-9a-f]{64}")
-UPDATABLE = frozenset(
-    {"transcript", "transcript_on_device", "reply", "engines", "timings_ms", "status", "error",
-     "speculative", "sync_state", "extra", "lease"}
-)  # fmt: skip
-BOOKKEEPING = frozenset({"sync_state", "extra", "lease"})
-"""Where the capture stands on this device; not part of what goes up in its record."""
-CONTENT = UPDATABLE - BOOKKEEPING
-"""What a person said and what became of it: a change to any of these is a new revision."""
-RECORD_KEYS = (
-    "schema_version", "capture_id", "device_id", "created_at", "trigger", "files",
-    "transcript", "reply", "engines", "timings_ms", "status", "error", "sync_state", "extra",
-)  # fmt: skip
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS captures (
@@ -80,176 +75,7 @@ CREATE INDEX IF NOT EXISTS captures_by_sync_state ON captures (sync_state, captu
 """
 
 
-class SpoolError(Exception):
-    """The spool cannot do what was asked; the message says why and what to do."""
-
-
-class SpoolUnavailable(SpoolError):
-    """A file could not be read just now (EIO on an under-volted Pi, EACCES, EMFILE): trouble,
-    not damage. Nothing is quarantined or changed; the capture is tried again later."""
-
-
-class SpoolFullError(SpoolError):
-    """The disk under the spool is full; nothing of the failed write was kept."""
-
-
-class CaptureNotFoundError(SpoolError, KeyError):
-    """No capture with that id in this spool."""
-
-    def __str__(self) -> str:
-        # KeyError would print the repr of the message, quotes and all.
-        return str(self.args[0]) if self.args else ""
-
-
-class CaptureChangedError(SpoolError):
-    """The capture changed since it was read (a new revision, another sync state): the
-    caller decided on an older record and must look again."""
-
-
-FileInfo = TypedDict("FileInfo", {"bytes": int, "sha256": str})
-
-
-@dataclass(frozen=True)
-class CaptureRecord:
-    """What capture.json holds: the files with their checksums, and what became of the turn."""
-
-    capture_id: str
-    device_id: str
-    created_at: datetime
-    trigger: Trigger
-    files: dict[str, FileInfo]
-    transcript: str | None = None
-    """The best transcript: cloud Whisper's once it has heard the audio (turn.upgrade)."""
-    transcript_on_device: str | None = None
-    """What the device's own engine heard, kept when cloud Whisper's replaced it
-    (its engine is engines["stt_on_device"])."""
-    reply: str | None = None
-    engines: dict[str, str] = field(default_factory=dict)
-    timings_ms: dict[str, float] = field(default_factory=dict)
-    status: Status = "captured"
-    error: str | None = None
-    sync_state: SyncState = "pending"
-    extra: dict[str, Any] = field(default_factory=dict)
-    """Room for fields that a later version adds, so older readers still load the record."""
-    schema_version: int = SCHEMA_VERSION
-    lease: dict[str, Any] | None = None
-    """The process recording this capture's turn (lease.this_process()); None once the turn is
-    recorded. A lease whose process is gone (lease.is_held) is a turn cut short."""
-    revision: int = 1
-    """Bumped by every change to the files or the content (CONTENT); the copy in the cloud is
-    only current when it was uploaded at this revision (Spool.mark_synced checks it)."""
-    speculative: bool = False
-    """The turn was answered from a head start taken at a pause in the speech."""
-
-    def manifest(self) -> bytes:
-        """The record as the bucket keeps it for this revision: content and files, no sync state.
-
-        The same revision always gives the same bytes, so an upload retried after a crash
-        finds its object already there.
-        """
-        data = {k: v for k, v in self.to_dict().items() if k not in BOOKKEEPING}
-        return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
-
-    def to_dict(self) -> dict[str, Any]:
-        return (
-            {
-                "schema_version": self.schema_version,
-                "capture_id": self.capture_id,
-                "device_id": self.device_id,
-                "created_at": iso_utc(self.created_at),
-                "trigger": self.trigger,
-                "files": {name: dict(info) for name, info in self.files.items()},
-                "transcript": self.transcript,
-                "reply": self.reply,
-                "engines": dict(self.engines),
-                "timings_ms": dict(self.timings_ms),
-                "status": self.status,
-                "error": self.error,
-                "sync_state": self.sync_state,
-                "extra": dict(self.extra),
-                "lease": None if self.lease is None else dict(self.lease),
-                "revision": self.revision,
-            }
-            | (
-                # Only when there is one: a record of an earlier version keeps the same bytes.
-                {"transcript_on_device": self.transcript_on_device}
-                if self.transcript_on_device is not None
-                else {}
-            )
-            | ({"speculative": True} if self.speculative else {})
-        )
-
-    @classmethod
-    def from_dict(cls, data: Any) -> CaptureRecord:
-        """Parse and check a record; a missing or mistyped field raises SpoolError naming it.
-
-        Keys this version does not know are ignored, so a record written by a newer
-        version still loads.
-        """
-        if not isinstance(data, dict):
-            raise SpoolError(f"capture record must be a JSON object, not {type(data).__name__}")
-        missing = [key for key in RECORD_KEYS if key not in data]
-        if missing:
-            raise SpoolError(f"capture record is incomplete: {', '.join(missing)} missing")
-        version = _typed(data, "schema_version", int)
-        if version < 1:
-            raise SpoolError(f"capture record field 'schema_version' must be >= 1, got {version}")
-        capture_id = _typed(data, "capture_id", str)
-        if not CAPTURE_ID.fullmatch(capture_id):
-            raise SpoolError(
-                f"capture record field 'capture_id' is not a capture id: {capture_id!r:.80}"
-            )
-        device_id = _typed(data, "device_id", str)
-        if not device_id:
-            raise SpoolError("capture record field 'device_id' is empty")
-        revision = _typed(data, "revision", int) if "revision" in data else 1  # older records
-        if revision < 1:
-            raise SpoolError(f"capture record field 'revision' must be >= 1, got {revision}")
-        return cls(
-            schema_version=version,
-            capture_id=capture_id,
-            device_id=device_id,
-            created_at=_parse_time(_typed(data, "created_at", str)),
-            trigger=_choice(data, "trigger", TRIGGERS),  # type: ignore[arg-type]
-            files=_parse_files(_typed(data, "files", dict)),
-            transcript=_typed(data, "transcript", str, optional=True),
-            transcript_on_device=_typed(data, "transcript_on_device", str, optional=True)
-            if "transcript_on_device" in data
-            else None,
-            reply=_typed(data, "reply", str, optional=True),
-            engines=_parse_engines(_typed(data, "engines", dict)),
-            timings_ms=_parse_timings(_typed(data, "timings_ms", dict)),
-            status=_choice(data, "status", STATUSES),  # type: ignore[arg-type]
-            error=_typed(data, "error", str, optional=True),
-            sync_state=_choice(data, "sync_state", SYNC_STATES),  # type: ignore[arg-type]
-            extra=_typed(data, "extra", dict),
-            lease=_parse_lease(data.get("lease")),
-            revision=revision,
-            speculative=_typed(data, "speculative", bool) if "speculative" in data else False,
-        )
-
-
-@dataclass(frozen=True)
-class RecoveryReport:
-    """What opening the spool repaired; all zero after a clean shutdown."""
-
-    ran: bool = True
-    """False when another process had the spool open: repairing under it would break its writes."""
-    index_rebuilt: bool = False
-    staging_removed: int = 0
-    """Captures left in tmp/: never acknowledged, so dropping them loses nothing promised."""
-    temp_files_removed: int = 0
-    unlisted_files_removed: int = 0
-    """Files from an add_file that crashed before capture.json listed them."""
-    reindexed: int = 0
-    rows_repaired: int = 0
-    rows_dropped: int = 0
-    quarantined: int = 0
-    unreadable_now: int = 0
-    """Captures a transient error (EIO, EACCES, EMFILE) kept from being checked: left as they are."""
-
-
-class Spool:
+class Spool(Recovery):
     """The capture store under one root folder; safe to share between threads.
 
     Opening it repairs whatever a crash left behind (see `recovered`). Close it (or
@@ -345,17 +171,17 @@ class Spool:
         and says so in the record until an update sets `lease=None`. Raises
         SpoolFullError when the disk is full, and then nothing of it is kept.
         """
-        when = _to_ms(created_at or datetime.now(UTC))
-        capture_id = _new_capture_id(when)
+        when = to_ms(created_at or datetime.now(UTC))
+        capture_id = new_capture_id(when)
         contents = {AUDIO_NAME: audio_wav}
         contents.update({f"frame-{i:02d}.jpg": frame for i, frame in enumerate(frames)})
-        record = _validated(
+        record = validated(
             CaptureRecord(
                 capture_id=capture_id,
                 device_id=device_id,
                 created_at=when,
                 trigger=trigger,
-                files={name: _file_info(data) for name, data in contents.items()},
+                files={name: file_info(data) for name, data in contents.items()},
                 lease=lease.this_process() if leased else None,
             )
         )
@@ -366,7 +192,7 @@ class Spool:
             try:
                 for name, data in contents.items():
                     durable.write_new_file(staging / name, data)
-                durable.write_new_file(staging / RECORD_NAME, _record_file_bytes(record))
+                durable.write_new_file(staging / RECORD_NAME, record_file_bytes(record))
                 durable.fsync_dir(staging)
                 os.rename(staging, final)
                 published = True
@@ -409,14 +235,14 @@ class Spool:
         try:
             durable.write_new_file(temp, data)
             with self._transaction():
-                record = _read_record(folder)
+                record = read_record(folder)
                 if name in record.files:
                     raise SpoolError(
                         f"capture {capture_id} already has {name}: files are write-once, "
                         "add it under another name"
                     )
-                files = {**record.files, name: _file_info(data)}
-                record = _validated(
+                files = {**record.files, name: file_info(data)}
+                record = validated(
                     dataclasses.replace(
                         record, files=files, revision=record.revision + 1, sync_state="pending"
                     )
@@ -425,7 +251,7 @@ class Spool:
                 os.rename(temp, folder / name)
                 renamed = True
                 durable.fsync_dir(folder)
-                durable.replace_file(folder / RECORD_NAME, _record_file_bytes(record))
+                durable.replace_file(folder / RECORD_NAME, record_file_bytes(record))
                 recorded = True
         except BaseException as exc:
             # capture.json is replaced atomically: if it was not, nothing lists the file
@@ -484,13 +310,13 @@ class Spool:
         folder = self._folder(capture_id)
         try:
             with self._transaction():
-                record = _read_record(folder)
+                record = read_record(folder)
                 fields = change(record)
                 if fields is None:
                     return None
-                record = _validated(dataclasses.replace(record, **fields))
+                record = validated(dataclasses.replace(record, **fields))
                 self._put_row(record)
-                durable.replace_file(folder / RECORD_NAME, _record_file_bytes(record))
+                durable.replace_file(folder / RECORD_NAME, record_file_bytes(record))
         except (OSError, sqlite3.Error) as exc:
             raise self._storage_error(exc, f"capture {capture_id} {failed}") from exc
         return record
@@ -554,7 +380,7 @@ class Spool:
         """
         folder = self._folder(capture_id)
         try:
-            record = _read_record(folder)
+            record = read_record(folder)
         except SpoolUnavailable:
             raise
         except SpoolError as exc:
@@ -566,7 +392,7 @@ class Spool:
         problems = [
             problem
             for name, info in sorted(record.files.items())
-            if (problem := _check_file(folder / name, info, full_check=True))
+            if (problem := check_file(folder / name, info, full_check=True))
         ]
         if problems and not folder.is_dir():  # deleted while we read it, not damaged
             raise CaptureNotFoundError(f"no capture {capture_id!r:.80} in the spool at {self.root}")
@@ -581,7 +407,7 @@ class Spool:
         """
         with self._lock:
             folder = self._folder(capture_id)
-            target = _free_name(self._quarantine, capture_id)
+            target = durable.free_name(self._quarantine, capture_id)
             try:
                 self._remove_capture(folder, target)
             except (OSError, sqlite3.Error) as exc:
@@ -602,7 +428,7 @@ class Spool:
         """
         with self._lock:
             folder = self._folder(capture_id)
-            doomed = _free_name(self._tmp, f"deleted-{capture_id}")
+            doomed = durable.free_name(self._tmp, f"deleted-{capture_id}")
             try:
                 size = _folder_bytes(folder)
                 self._remove_capture(folder, doomed, unchanged)
@@ -665,7 +491,7 @@ class Spool:
     def _put_row(self, record: CaptureRecord) -> None:
         self._db.execute(
             "INSERT OR REPLACE INTO captures (capture_id, sync_state, record) VALUES (?, ?, ?)",
-            (record.capture_id, record.sync_state, _record_row(record)),
+            (record.capture_id, record.sync_state, record_row(record)),
         )
 
     def _require_row(self, capture_id: str) -> CaptureRecord:
@@ -744,292 +570,10 @@ class Spool:
             )
         return SpoolError(f"{outcome}: {exc}")
 
-    def _set_index_aside(self, exc: durable.IndexDamaged) -> None:
-        """Move a damaged index to quarantine; the capture folders rebuild it."""
-        target = _free_name(self._quarantine, f"{INDEX_NAME}.{datetime.now(UTC):%Y%m%dT%H%M%SZ}")
-        for suffix in durable.SQLITE_SUFFIXES:
-            source = self.root / (INDEX_NAME + suffix)
-            if source.exists():
-                os.rename(source, target.with_name(target.name + suffix))
-        durable.fsync_dir(self._quarantine)
-        durable.fsync_dir(self.root)
-        log.warning(
-            "spool index %s is damaged (%s): moved it to %s, rebuilding it from the capture folders",
-            self.root / INDEX_NAME, exc, target,
-        )  # fmt: skip
-
-    def _recover(self, index_rebuilt: bool) -> RecoveryReport:
-        """Bring tmp/, captures/ and the index back to agreement after a crash."""
-        counts: Counter[str] = Counter()
-        for entry in _entries(self._tmp):
-            durable.remove(entry)
-            counts["staging_removed"] += 1
-            log.info("removed %s: a capture interrupted before it was acknowledged", entry)
-        if counts["staging_removed"]:
-            durable.fsync_dir(self._tmp)
-        rows = dict(self._db.execute("SELECT capture_id, record FROM captures").fetchall())
-        on_disk: set[str] = set()
-        quarantined: set[str] = set()
-        with self._transaction():
-            for entry in _entries(self._captures):
-                try:
-                    record, problem = self._check_capture(entry, counts)
-                except SpoolUnavailable as exc:  # trouble, not damage: leave it as it is
-                    on_disk.add(entry.name)
-                    counts["unreadable_now"] += 1
-                    log.warning("capture %s not checked at start-up: %s", entry.name, exc)
-                    continue
-                if record is None:
-                    self._quarantine_entry(entry, problem)
-                    quarantined.add(entry.name)
-                    continue
-                on_disk.add(record.capture_id)
-                row = rows.get(record.capture_id)
-                if row != _record_row(record):
-                    self._put_row(record)
-                    counts["reindexed" if row is None else "rows_repaired"] += 1
-            for capture_id in rows.keys() - on_disk:
-                self._db.execute("DELETE FROM captures WHERE capture_id = ?", (capture_id,))
-                if capture_id in quarantined:
-                    continue  # already logged
-                counts["rows_dropped"] += 1
-                log.warning("capture %s was in the index but its folder is gone", capture_id)
-        report = RecoveryReport(index_rebuilt=index_rebuilt, quarantined=len(quarantined), **counts)
-        if counts or quarantined:
-            log.info("spool %s repaired: %s", self.root, report)
-        return report
-
-    def _check_capture(
-        self, folder: Path, counts: Counter[str]
-    ) -> tuple[CaptureRecord | None, str]:
-        """The record of a whole, intact capture folder, or None and what is wrong with it."""
-        if folder.is_symlink() or not folder.is_dir():
-            return None, "not a capture folder"
-        if not CAPTURE_ID.fullmatch(folder.name):
-            return None, "the folder name is not a capture id"
-        for entry in _entries(folder):
-            if entry.name.startswith(durable.TEMP_PREFIX):
-                durable.remove(entry)
-                counts["temp_files_removed"] += 1
-        try:
-            record = _read_record(folder)
-        except SpoolError as exc:
-            return None, str(exc)
-        # Sizes only: hashing a 2 GB backlog on an SD card takes longer than systemd waits
-        # for READY. Every byte is checked against its SHA-256 before upload (verify).
-        for name, info in record.files.items():
-            problem = _check_file(folder / name, info, full_check=False)
-            if problem:
-                return None, problem
-        for entry in _entries(folder):
-            if entry.name != RECORD_NAME and entry.name not in record.files:
-                durable.remove(entry)
-                counts["unlisted_files_removed"] += 1
-                log.info(
-                    "removed %s: not listed in its %s (interrupted add_file)", entry, RECORD_NAME
-                )
-        return record, ""
-
-    def _quarantine_entry(self, entry: Path, reason: str) -> None:
-        target = _free_name(self._quarantine, entry.name)
-        os.rename(entry, target)
-        durable.fsync_dir(self._quarantine)
-        durable.fsync_dir(entry.parent)
-        log.warning("quarantined capture %s: %s (moved to %s)", entry.name, reason, target)
-
-
-# -- records ----------------------------------------------------------------------
-
-
-def iso_utc(when: datetime) -> str:
-    """ISO 8601 in UTC with milliseconds and a Z, e.g. 2026-11-26T22:53:00.123Z."""
-    return when.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def _to_ms(when: datetime) -> datetime:
-    if when.tzinfo is None:
-        raise SpoolError(f"created_at must carry a time zone (use datetime.now(UTC)), got {when}")
-    when = when.astimezone(UTC)
-    return when.replace(microsecond=when.microsecond // 1000 * 1000)
-
-
-def _new_capture_id(when: datetime) -> str:
-    """UTC time to the millisecond, then 32 random bits: sorts by time, never collides."""
-    return f"{when:%Y%m%dT%H%M%S}{when.microsecond // 1000:03d}Z-{os.urandom(4).hex()}"
-
-
-def _file_info(data: bytes) -> FileInfo:
-    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-
-
-def _typed(data: dict[str, Any], key: str, kind: type, *, optional: bool = False) -> Any:
-    value = data[key]
-    if value is None and optional:
-        return None
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        allowed = f"{kind.__name__} or null" if optional else kind.__name__
-        raise SpoolError(f"capture record field {key!r} must be {allowed}, got {value!r:.80}")
-    return value
-
-
-def _choice(data: dict[str, Any], key: str, choices: tuple[str, ...]) -> str:
-    value = data[key]
-    if value not in choices:
-        raise SpoolError(
-            f"capture record field {key!r} must be one of {', '.join(choices)}, got {value!r:.80}"
-        )
-    return str(value)
-
-
-def _parse_time(text: str) -> datetime:
-    try:
-        when = datetime.fromisoformat(text)
-        if when.tzinfo is not None:
-            return when.astimezone(UTC)
-    except (ValueError, OverflowError):  # OverflowError: year 1 or 9999 shifted out of range
-        pass
-    raise SpoolError(f"capture record field 'created_at' is not an ISO 8601 UTC time: {text!r:.80}")
-
-
-def _parse_files(files: dict[str, Any]) -> dict[str, FileInfo]:
-    parsed: dict[str, FileInfo] = {}
-    for name, info in files.items():
-        if not FILE_NAME.fullmatch(name) or name == RECORD_NAME:
-            raise SpoolError(f"capture record lists a file with a bad name: {name!r:.80}")
-        size = info.get("bytes") if isinstance(info, dict) else None
-        digest = info.get("sha256") if isinstance(info, dict) else None
-        if (
-            type(size) is not int
-            or size < 0
-            or not isinstance(digest, str)
-            or not SHA256_HEX.fullmatch(digest)
-        ):
-            raise SpoolError(
-                f"capture record entry for file {name!r} must be "
-                f'{{"bytes": <size>, "sha256": <64 hex digits>}}, got {info!r:.120}'
-            )
-        parsed[name] = {"bytes": size, "sha256": digest}
-    return parsed
-
-
-def _parse_lease(lease: Any) -> dict[str, Any] | None:
-    if lease is None:
-        return None
-    if (
-        not isinstance(lease, dict)
-        or not isinstance(lease.get("boot_id"), str)
-        or any(type(lease.get(key)) is not int for key in ("pid", "start"))
-    ):
-        raise SpoolError("capture record field 'lease' must be null or {boot_id, pid, start}")
-    return {"boot_id": lease["boot_id"], "pid": lease["pid"], "start": lease["start"]}
-
-
-def _parse_engines(engines: dict[str, Any]) -> dict[str, str]:
-    if not all(isinstance(value, str) for value in engines.values()):
-        raise SpoolError(
-            f"capture record field 'engines' must map stages to engine names, got {engines!r:.120}"
-        )
-    return dict(engines)
-
-
-def _parse_timings(timings: dict[str, Any]) -> dict[str, float]:
-    parsed: dict[str, float] = {}
-    for stage, value in timings.items():
-        try:
-            ms = (
-                None
-                if isinstance(value, bool) or not isinstance(value, int | float)
-                else float(value)
-            )
-        except OverflowError:  # an int too large for any float
-            ms = None
-        if ms is None or not math.isfinite(ms):
-            raise SpoolError(
-                f"capture record field 'timings_ms' must map stages to milliseconds, "
-                f"got {stage!r}: {value!r:.40}"
-            )
-        parsed[stage] = ms
-    return parsed
-
-
-def _record_row(record: CaptureRecord) -> str:
-    return _dumps(record, indent=None)
-
-
-def _record_file_bytes(record: CaptureRecord) -> bytes:
-    return (_dumps(record, indent=2) + "\n").encode()
-
-
-def _dumps(record: CaptureRecord, indent: int | None) -> str:
-    try:
-        return json.dumps(
-            record.to_dict(), indent=indent, sort_keys=True, ensure_ascii=False, allow_nan=False
-        )
-    except (TypeError, ValueError) as exc:
-        raise SpoolError(f"capture {record.capture_id} cannot be stored as JSON: {exc}") from exc
-
-
-def _validated(record: CaptureRecord) -> CaptureRecord:
-    """Check a record the way a reader will, before anything of it reaches the disk."""
-    return CaptureRecord.from_dict(json.loads(_record_row(record)))
-
-
-def _read_record(folder: Path) -> CaptureRecord:
-    path = folder / RECORD_NAME
-    try:
-        data = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        raise SpoolError(f"{path} is missing") from None
-    except OSError as exc:
-        raise _unavailable(path, exc) from exc
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, too deep
-        raise SpoolError(f"{path} is not valid JSON: {exc}") from exc
-    try:
-        record = CaptureRecord.from_dict(data)
-    except SpoolError as exc:
-        raise SpoolError(f"{path}: {exc}") from None
-    if record.capture_id != folder.name:
-        raise SpoolError(f"{path} belongs to capture {record.capture_id}, not to {folder.name}")
-    return record
-
-
-def _check_file(path: Path, info: FileInfo, full_check: bool) -> str:
-    """What is wrong with one listed file, or "" when it is intact."""
-    try:
-        st = os.lstat(path)
-        if not stat.S_ISREG(st.st_mode):
-            return f"{path.name} is not a regular file"
-        if st.st_size != info["bytes"]:
-            return f"{path.name} is {st.st_size} bytes, its record says {info['bytes']}"
-        if full_check:
-            with open(path, "rb") as file:
-                digest = hashlib.file_digest(file, "sha256").hexdigest()
-            if digest != info["sha256"]:
-                return f"{path.name} does not match the SHA-256 in its record"
-    except FileNotFoundError:
-        return f"{path.name} is missing"
-    except OSError as exc:
-        raise _unavailable(path, exc) from exc
-    return ""
-
-
-def _unavailable(path: Path, exc: OSError) -> SpoolUnavailable:
-    return SpoolUnavailable(
-        f"{path} cannot be read now ({exc.strerror or exc}): nothing was changed, "
-        "it is tried again later; if it persists, check the SD card and the power supply"
-    )
-
-
-# -- files ------------------------------------------------------------------------
-
 
 def _connect(path: Path) -> sqlite3.Connection:
     """Open the index in WAL mode with FULL sync: a committed row survives a power cut."""
     return durable.open_sqlite(path, SCHEMA, synchronous="FULL", busy_timeout_s=BUSY_TIMEOUT_S)
-
-
-def _entries(folder: Path) -> list[Path]:
-    return sorted(Path(entry.path) for entry in os.scandir(folder))
 
 
 def _folder_bytes(folder: Path) -> int:
@@ -1038,12 +582,3 @@ def _folder_bytes(folder: Path) -> int:
         with contextlib.suppress(FileNotFoundError):
             total += entry.stat(follow_symlinks=False).st_size
     return total
-
-
-def _free_name(folder: Path, name: str) -> Path:
-    """A path in `folder` named `name`, suffixed .1, .2... if that is taken."""
-    target, n = folder / name, 0
-    while target.exists():
-        n += 1
-        target = folder / f"{name}.{n}"
-    return target

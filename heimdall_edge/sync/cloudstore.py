@@ -18,10 +18,7 @@ refused before it is sent (multipart) or together with S3 (single PUT).
 
 One retry layer, ours: the botocore clients make exactly one attempt per call
 (``total_max_attempts=1``; note that botocore's ``max_attempts=1`` means *one
-retry*, two attempts). A failure is a `StoreError` (a `CloudError` with service
-"s3" or "dynamodb") whose `kind` tells the caller's policy whether to retry and
-whose message says what a person should do. Messages never carry credentials,
-request signatures or response bodies.
+retry*, two attempts). A failure is a `StoreError` (store_errors.py), safe to log.
 
 All calls block: the syncer runs them in worker threads (`asyncio.to_thread`).
 A `CaptureStore` may be shared by threads (boto3 clients are thread-safe).
@@ -48,158 +45,43 @@ import enum
 import hashlib
 import io
 import logging
-import math
 import mimetypes
-import os
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
-from datetime import UTC, datetime
-from decimal import Decimal
+from collections.abc import Callable, Iterator
+from datetime import UTC
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
 import boto3
 import botocore.exceptions
 from boto3.dynamodb.types import TypeSerializer
 from botocore.config import Config
-from botocore.parsers import ResponseParserError
 
-from heimdall_edge.cloud.classify import classify, parse_retry_after
-from heimdall_edge.cloud.errors import CloudError, ErrorKind
-from heimdall_edge.spool.store import CaptureRecord, iso_utc
-
-if TYPE_CHECKING:
-    from heimdall_edge.settings import Settings
+from heimdall_edge.cloud.errors import ErrorKind
+from heimdall_edge.spool.record import CaptureRecord
+from heimdall_edge.sync.index_item import dynamo_value
+from heimdall_edge.sync.store_config import StoreConfig
+from heimdall_edge.sync.store_errors import (
+    BOTO_ERRORS,
+    CONDITIONAL_CONFLICT,
+    NOT_FOUND,
+    PRECONDITION_FAILED,
+    StoreError,
+    classify_aws,
+    error_code,
+    shorten,
+)
 
 log = logging.getLogger(__name__)
 
-MiB = 1024**2
-MIN_PART_BYTES = 5 * MiB
-"""S3's smallest part (all but the last); moto enforces it too (EntityTooSmall)."""
-MAX_PART_BYTES = 5 * 1024 * MiB
 READ_BLOCK = 256 * 1024
 """How many bytes the uploader asks the `read` hook for at a time."""
 SHA256_META = "sha256"
 """User-metadata key (x-amz-meta-sha256) holding the hex SHA-256 of the object."""
-MESSAGE_LIMIT = 300
-
 Read = Callable[[int], bytes]
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
-_SAFE_CODE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
-_REGION = re.compile(r"[a-z0-9-]{1,32}")
-_PRECONDITION = frozenset({"PreconditionFailed", "412"})
-_CONFLICT = "ConditionalRequestConflict"
-_NOT_FOUND = frozenset({"404", "NotFound", "NoSuchKey"})
-
-
-@dataclass(frozen=True)
-class StoreConfig:
-    """Where and how captures are stored; built from Settings by `from_settings`."""
-
-    bucket: str
-    prefix: str
-    """Key prefix without leading or trailing slashes; "" puts device folders at the top."""
-    table: str | None
-    """DynamoDB index table; None: no index (put_index refuses, check skips it)."""
-    region: str
-    s3_endpoint_url: str | None = None
-    dynamodb_endpoint_url: str | None = None
-    sse: Literal["AES256", "aws:kms"] = "AES256"
-    kms_key_id: str | None = None
-    """With sse="aws:kms": the key id or ARN; None: the account's aws/s3 key."""
-    multipart_threshold_bytes: int = 16 * MiB
-    """Files larger than this go up in parts."""
-    part_size_bytes: int = 8 * MiB
-
-    def __post_init__(self) -> None:
-        if not self.bucket:
-            raise ValueError("StoreConfig.bucket is empty")
-        object.__setattr__(self, "prefix", self.prefix.strip("/"))
-        if self.sse not in ("AES256", "aws:kms"):
-            raise ValueError(f"StoreConfig.sse must be 'AES256' or 'aws:kms', not {self.sse!r}")
-        if self.kms_key_id and self.sse != "aws:kms":
-            raise ValueError("StoreConfig.kms_key_id is set but sse is not 'aws:kms'")
-        if not MIN_PART_BYTES <= self.part_size_bytes <= MAX_PART_BYTES:
-            raise ValueError(
-                f"StoreConfig.part_size_bytes must be between {MIN_PART_BYTES} (S3's minimum) "
-                f"and {MAX_PART_BYTES}, got {self.part_size_bytes}"
-            )
-        if self.multipart_threshold_bytes < 0:
-            raise ValueError("StoreConfig.multipart_threshold_bytes must be >= 0")
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> StoreConfig | None:
-        """The store the settings describe; None when s3_bucket is unset (sync is off)."""
-        if not settings.s3_bucket:
-            return None
-        sync = settings.sync
-        if sync.kms_key_id and sync.sse != "aws:kms":
-            from heimdall_edge.settings import SettingsError
-
-            raise SettingsError(
-                "sync.kms_key_id is set but sync.sse is 'AES256': set sync.sse = \"aws:kms\" "
-                "(HEIMDALL_SYNC__SSE) or remove the key id"
-            )
-        return cls(
-            bucket=settings.s3_bucket,
-            prefix=settings.s3_prefix,
-            table=settings.dynamodb_table or None,
-            region=sync.region or _chain_region(),
-            s3_endpoint_url=settings.s3_endpoint_url,
-            dynamodb_endpoint_url=settings.dynamodb_endpoint_url,
-            sse=sync.sse,
-            kms_key_id=sync.kms_key_id,
-            multipart_threshold_bytes=int(sync.multipart_threshold_mb * MiB),
-        )
-
-
-def _chain_region() -> str:
-    """AWS_REGION (the SDKs' and AWS CLI v2's first choice), else boto3's own chain
-    (AWS_DEFAULT_REGION, the profile's region); an error if there is none."""
-    from heimdall_edge.settings import SettingsError, is_aws_region
-
-    region = os.environ.get("AWS_REGION") or boto3.session.Session().region_name
-    if not region:
-        raise SettingsError(
-            "no AWS region for the bucket and table: set sync.region (HEIMDALL_SYNC__REGION), "
-            "AWS_REGION, or a region in the AWS profile"
-        )
-    if not is_aws_region(region):
-        raise SettingsError(
-            f"the AWS region {region!r} (from AWS_REGION, AWS_DEFAULT_REGION or the profile) is "
-            "not an AWS region: fix it there or set sync.region (HEIMDALL_SYNC__REGION)"
-        )
-    return region
-
-
-class StoreError(CloudError):
-    """An S3 or DynamoDB call that failed; the message says what to do, and is safe to log.
-
-    `code` is the AWS error code when there was one (e.g. "NoSuchBucket"). Our messages
-    may run to MESSAGE_LIMIT characters (CloudError keeps 120), so the advice after the
-    object key is never cut off.
-    """
-
-    def __init__(
-        self,
-        service: str,
-        kind: ErrorKind,
-        message: str = "",
-        *,
-        status: int | None = None,
-        retry_after_s: float | None = None,
-        code: str | None = None,
-    ) -> None:
-        super().__init__(service, kind, message, status=status, retry_after_s=retry_after_s)
-        self.message = message[:MESSAGE_LIMIT]
-        self.code = code
-        self.args = (str(self),)
-
-    def __repr__(self) -> str:
-        return f"StoreError({str(self)!r})"
 
 
 class PutResult(enum.Enum):
@@ -341,7 +223,7 @@ class CaptureStore:
                 **self._sse(),
             )
         except botocore.exceptions.ClientError as exc:
-            if _code(exc) in _PRECONDITION or _code(exc) == _CONFLICT:
+            if error_code(exc) in PRECONDITION_FAILED or error_code(exc) == CONDITIONAL_CONFLICT:
                 return self._settle_existing(key, len(body), sha256_hex, exc)
             raise self._error(exc, "s3", "s3:PutObject", key) from exc
         except Exception as exc:
@@ -395,10 +277,13 @@ class CaptureStore:
             if (
                 completing
                 and isinstance(exc, botocore.exceptions.ClientError)
-                and (_code(exc) in _PRECONDITION or _code(exc) == _CONFLICT)
+                and (
+                    error_code(exc) in PRECONDITION_FAILED
+                    or error_code(exc) == CONDITIONAL_CONFLICT
+                )
             ):
                 return self._settle_existing(key, sent, sha256_hex, exc)
-            if isinstance(exc, _BOTO_ERRORS):
+            if isinstance(exc, BOTO_ERRORS):
                 raise self._error(exc, "s3", "s3:PutObject", key) from exc
             raise  # ours (StoreError), or the caller's `read` hook's own (say, "stop now")
         log.debug("s3: wrote %s (%d bytes in %d parts)", key, sent, len(parts))
@@ -471,7 +356,7 @@ class CaptureStore:
         try:
             return self._s3.head_object(Bucket=self.config.bucket, Key=key, ChecksumMode="ENABLED")
         except botocore.exceptions.ClientError as exc:
-            if _code(exc) in _NOT_FOUND:
+            if error_code(exc) in NOT_FOUND:
                 return None
             raise self._error(exc, "s3", "s3:GetObject", key) from exc
         except Exception as exc:
@@ -508,7 +393,7 @@ class CaptureStore:
                             Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"]
                         )
                     except botocore.exceptions.ClientError as exc:
-                        if _code(exc) == "NoSuchUpload":  # completed or aborted meanwhile
+                        if error_code(exc) == "NoSuchUpload":  # completed or aborted meanwhile
                             continue
                         raise self._error(
                             exc, "s3", "s3:AbortMultipartUpload", upload["Key"]
@@ -541,7 +426,8 @@ class CaptureStore:
         item = {"s3_bucket": self.config.bucket, **item}
         try:
             typed = {
-                name: self._serializer.serialize(_dynamo(value)) for name, value in item.items()
+                name: self._serializer.serialize(dynamo_value(value))
+                for name, value in item.items()
             }
         except (TypeError, ValueError) as exc:
             raise StoreError(
@@ -561,7 +447,7 @@ class CaptureStore:
                 ExpressionAttributeValues={":revision": typed["revision"]},
             )
         except botocore.exceptions.ClientError as exc:
-            if _code(exc) == "ConditionalCheckFailedException":
+            if error_code(exc) == "ConditionalCheckFailedException":
                 log.debug("dynamodb: %s is already indexed", item.get("capture_id"))
                 return PutResult.ALREADY_THERE
             raise self._error(exc, "dynamodb", "dynamodb:PutItem", None) from exc
@@ -592,7 +478,7 @@ class CaptureStore:
             raise StoreError(
                 "dynamodb",
                 ErrorKind.CLIENT,
-                f"table {_short(table)!r} has the wrong key: it needs partition key device_id (S) "
+                f"table {shorten(table)!r} has the wrong key: it needs partition key device_id (S) "
                 "and sort key capture_id (S); create such a table or fix HEIMDALL_DYNAMODB_TABLE",
             )
         status = description.get("TableStatus")
@@ -600,7 +486,7 @@ class CaptureStore:
             raise StoreError(
                 "dynamodb",
                 ErrorKind.SERVER,
-                f"table {_short(table)!r} is {status}, not ACTIVE: wait for it, then retry",
+                f"table {shorten(table)!r} is {status}, not ACTIVE: wait for it, then retry",
             )
 
     # --- helpers --------------------------------------------------------------------------------
@@ -622,62 +508,6 @@ class CaptureStore:
             kms=self.config.sse == "aws:kms",
             region=self.config.region,
         )
-
-
-def index_item(
-    record: CaptureRecord,
-    keys: Mapping[str, str],
-    sizes: Mapping[str, int] | None = None,
-    *,
-    bucket: str | None = None,
-    synced_at: datetime | None = None,
-) -> dict[str, Any]:
-    """The DynamoDB index item for a capture whose files are at `keys` (name -> object key).
-
-    Plain Python values, numbers as Decimal (DynamoDB's numbers), None left out.
-    `sizes` defaults to the sizes the spool recorded; `bucket` defaults to the store's
-    (put_index fills it in); `synced_at` to now.
-    """
-    if sizes is None:
-        sizes = {name: info["bytes"] for name, info in record.files.items() if name in keys}
-    item: dict[str, Any] = {
-        "device_id": record.device_id,
-        "capture_id": record.capture_id,
-        "created_at": iso_utc(record.created_at),
-        "trigger": record.trigger,
-        "status": record.status,
-        "transcript": record.transcript,
-        "transcript_on_device": record.transcript_on_device,
-        "speculative": record.speculative or None,
-        "reply": record.reply,
-        "error": record.error,
-        "engines": dict(record.engines),
-        "timings_ms": {
-            stage: Decimal(str(ms)) for stage, ms in record.timings_ms.items() if math.isfinite(ms)
-        },
-        "s3_bucket": bucket,
-        "s3_keys": dict(keys),
-        "sizes": {name: int(size) for name, size in sizes.items()},
-        "sha256": {name: record.files[name]["sha256"] for name in keys if name in record.files},
-        "synced_at": iso_utc(synced_at or datetime.now(UTC)),
-        "schema_version": record.schema_version,
-        "revision": record.revision,
-        "extra": dict(record.extra) or None,
-    }
-    return {name: value for name, value in item.items() if value is not None}
-
-
-def _dynamo(value: Any) -> Any:
-    """Values DynamoDB takes: floats as Decimal (non-finite as text), tuples as lists."""
-    if isinstance(value, bool) or value is None:
-        return value
-    if isinstance(value, float):
-        return Decimal(str(value)) if math.isfinite(value) else str(value)
-    if isinstance(value, Mapping):
-        return {str(k): _dynamo(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_dynamo(v) for v in value]
-    return value
 
 
 # --- reading files ------------------------------------------------------------------------------
@@ -733,317 +563,3 @@ def _b64(sha256_hex: str) -> str:
 
 def _content_type(key: str) -> str:
     return mimetypes.guess_type(key, strict=False)[0] or "application/octet-stream"
-
-
-def _short(text: str, limit: int = 60) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-# --- classify -----------------------------------------------------------------------------------
-
-_EXPIRED = frozenset(
-    {
-        "ExpiredToken",
-        "ExpiredTokenException",
-        "TokenRefreshRequired",
-        "InvalidAccessKeyId",
-        "InvalidClientTokenId",
-        "UnrecognizedClientException",
-        "SignatureDoesNotMatch",
-        "InvalidSignatureException",
-        "InvalidToken",
-        "IncompleteSignature",
-        "MissingAuthenticationToken",
-        "MissingAuthenticationTokenException",
-        "AuthFailure",
-        "NotAuthorized",
-    }
-)
-_DENIED = frozenset(
-    {"AccessDenied", "AccessDeniedException", "AllAccessDisabled", "Forbidden", "403"}
-)
-_CLOCK = frozenset({"RequestTimeTooSkewed", "RequestExpired"})
-_THROTTLED = frozenset(
-    {
-        "SlowDown",
-        "Throttling",
-        "ThrottlingException",
-        "ThrottledException",
-        "RequestThrottled",
-        "RequestThrottledException",
-        "ProvisionedThroughputExceededException",
-        "RequestLimitExceeded",
-        "TooManyRequestsException",
-        "LimitExceededException",
-        "KMS.ThrottlingException",
-    }
-)
-_SERVER = frozenset(
-    {
-        "InternalError",
-        "InternalFailure",
-        "InternalServerError",
-        "ServiceUnavailable",
-        "ServiceUnavailableException",
-        "OperationAborted",
-    }
-)
-_TIMEOUT = frozenset({"RequestTimeout", "RequestTimeoutException"})
-_DIGEST = frozenset({"BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch", "InvalidChecksum"})
-_WRONG_REGION = frozenset(
-    {
-        "PermanentRedirect",
-        "AuthorizationHeaderMalformed",
-        "IllegalLocationConstraintException",
-        "301",
-    }
-)
-
-
-def classify_aws(
-    exc: BaseException,
-    service: str,
-    *,
-    action: str | None = None,
-    bucket: str | None = None,
-    key: str | None = None,
-    table: str | None = None,
-    kms: bool = False,
-    region: str | None = None,
-) -> StoreError:
-    """Map a botocore/boto3 exception to a StoreError whose message says what to do.
-
-    The optional context (`action` like "s3:PutObject", bucket, key, table, whether
-    SSE-KMS is on, region) only makes the message more precise. Never copies the
-    exception's text (it can echo a signature's string-to-sign or a response body).
-    """
-    if isinstance(exc, StoreError):
-        return exc
-    if isinstance(exc, CloudError):
-        return StoreError(service, exc.kind, exc.message, status=exc.status,
-                          retry_after_s=exc.retry_after_s)  # fmt: skip
-    if isinstance(exc, botocore.exceptions.ClientError):
-        return _from_client_error(exc, service, action, bucket, key, table, kms, region)
-    return _from_transport_error(exc, service, region)
-
-
-def _from_client_error(
-    exc: botocore.exceptions.ClientError,
-    service: str,
-    action: str | None,
-    bucket: str | None,
-    key: str | None,
-    table: str | None,
-    kms: bool,
-    region: str | None,
-) -> StoreError:
-    response = exc.response or {}
-    meta = response.get("ResponseMetadata") or {}
-    status = meta.get("HTTPStatusCode")
-    headers = meta.get("HTTPHeaders") or {}
-    code = _code(exc)
-    safe_code = code if _SAFE_CODE.fullmatch(code) else None
-    what = action or f"{service} ({code or 'request'})"
-    if key is not None:
-        where = f"{_short(bucket or '?', 63)}/{key}"
-    elif service == "s3":
-        where = f"bucket {_short(bucket or '?', 63)!r}"
-    else:
-        where = f"table {_short(table or '?')!r}"
-    bucket_text = repr(_short(bucket or "?", 63))
-    table_text = repr(_short(table or "?"))
-
-    def error(kind: ErrorKind, message: str) -> StoreError:
-        retry_after = None
-        if kind in (ErrorKind.RATE_LIMIT, ErrorKind.SERVER):
-            retry_after = parse_retry_after({str(k): str(v) for k, v in headers.items()})
-        return StoreError(
-            service, kind, message, status=status, retry_after_s=retry_after, code=safe_code
-        )
-
-    label = safe_code or (f"HTTP {status}" if status else "no code")
-    said = str((response.get("Error") or {}).get("Message") or "")
-    if code in _CLOCK or (code == "InvalidSignatureException" and "expired" in said.lower()):
-        # DynamoDB says "Signature expired" for the same skew. Not AUTH: a clock fixes
-        # itself (NTP steps it within seconds of reaching a server), so the store is tried
-        # again at the usual pace, not after the breaker's auth_reset_s.
-        return error(
-            ErrorKind.SERVER,
-            f"the device clock is wrong ({label}), so AWS refuses the request: sync it "
-            "(timedatectl status; NTP must be reachable)",
-        )
-    if code in _EXPIRED:
-        return error(
-            ErrorKind.AUTH,
-            f"AWS credentials expired or invalid ({label}): renew them (AWS_ACCESS_KEY_ID/"
-            "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or the instance role)",
-        )
-    if code == "KMS.AccessDeniedException" or (code in _DENIED and status != 404):
-        if service == "s3" and action == "s3:ListBucket" and code in ("403", "Forbidden"):
-            return error(
-                ErrorKind.AUTH,
-                f"access denied to s3:ListBucket on bucket {bucket_text}, or it belongs to "
-                "another account, or the credentials are invalid: see docs/iam-policy.json",
-            )
-        extra = " (and kms:GenerateDataKey, kms:Decrypt)" if kms and service == "s3" else ""
-        return error(
-            ErrorKind.AUTH,
-            f"access denied to {what}{extra} on {where}: grant it, see docs/iam-policy.json",
-        )
-    if code.startswith("KMS.") or code == "KMSKeyNotFound":
-        return error(
-            ErrorKind.CLIENT,
-            f"the KMS key cannot be used ({label}): fix HEIMDALL_SYNC__KMS_KEY_ID or enable the key",
-        )
-    if code in _THROTTLED or status == 429:
-        return error(
-            ErrorKind.RATE_LIMIT, f"{service} is throttling us ({label}): slow down, retry later"
-        )
-    if code in _TIMEOUT:
-        return error(
-            ErrorKind.TIMEOUT, f"{service} timed out waiting for our data ({label}): retry"
-        )
-    if code in _SERVER or (isinstance(status, int) and status >= 500):
-        return error(ErrorKind.SERVER, f"{service} failed on its side ({label}): retry later")
-    if code == _CONFLICT:
-        return error(ErrorKind.SERVER, f"another write to {where} is in progress ({label}): retry")
-    if code == "NoSuchUpload":
-        return error(
-            ErrorKind.SERVER, f"the multipart upload of {where} was aborted meanwhile: retry"
-        )
-    if code == "NoSuchBucket" or (action == "s3:ListBucket" and code in _NOT_FOUND):
-        return error(
-            ErrorKind.CLIENT,
-            f"bucket {bucket_text} does not exist: create it or fix HEIMDALL_S3_BUCKET",
-        )
-    if code == "InvalidBucketName":
-        return error(
-            ErrorKind.CLIENT, f"{bucket_text} is not a valid bucket name: fix HEIMDALL_S3_BUCKET"
-        )
-    if code in _WRONG_REGION:
-        actual = headers.get("x-amz-bucket-region", "")
-        hint = f" ({actual})" if _REGION.fullmatch(actual) else ""
-        return error(
-            ErrorKind.CLIENT,
-            f"bucket {bucket_text} is in another region{hint} than {region or '?'}: "
-            "set HEIMDALL_SYNC__REGION to the bucket's region",
-        )
-    if code == "ResourceNotFoundException":
-        return error(
-            ErrorKind.CLIENT,
-            f"table {table_text} does not exist in {region or 'this region'}: create it "
-            "(device_id HASH, capture_id RANGE) or fix HEIMDALL_DYNAMODB_TABLE",
-        )
-    if code in _DIGEST:
-        return error(
-            ErrorKind.CLIENT,
-            f"S3 refused the bytes of {where} ({label}): they do not match the recorded SHA-256; "
-            "the spool copy may be damaged",
-        )
-    if code in _PRECONDITION:
-        return error(
-            ErrorKind.CLIENT, f"an object already exists at {where}; it was not overwritten"
-        )
-    if code in _NOT_FOUND:
-        return error(ErrorKind.CLIENT, f"{where} was not found ({label})")
-    if status in (401, 403):
-        return error(
-            ErrorKind.AUTH,
-            f"{service} refused the credentials or the request ({label}) for {what}: check "
-            "the credentials and docs/iam-policy.json",
-        )
-    if status == 408:
-        return error(ErrorKind.TIMEOUT, f"{service} timed out waiting for us ({label}): retry")
-    if isinstance(status, int) and 400 <= status < 500:
-        return error(
-            ErrorKind.CLIENT,
-            f"{service} rejected {what} ({label}): a bug or a misconfiguration, not an outage; "
-            "check the settings, then report it",
-        )
-    return error(
-        ErrorKind.MALFORMED, f"{service} answered {what} with an error we cannot read ({label})"
-    )
-
-
-def _from_transport_error(exc: BaseException, service: str, region: str | None) -> StoreError:
-    name = type(exc).__name__
-    e = botocore.exceptions
-    if isinstance(exc, e.NoCredentialsError | e.PartialCredentialsError):
-        return StoreError(
-            service,
-            ErrorKind.AUTH,
-            f"no usable AWS credentials ({name}): set AWS_ACCESS_KEY_ID and "
-            "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or give the device an instance role",
-        )
-    if isinstance(exc, _CREDENTIAL_ERRORS):
-        return StoreError(
-            service,
-            ErrorKind.AUTH,
-            f"AWS credentials could not be loaded ({name}): check the profile, the credential "
-            "process or the instance role",
-        )
-    if isinstance(exc, e.ReadTimeoutError | e.ConnectTimeoutError):
-        return StoreError(
-            service, ErrorKind.TIMEOUT, f"{service} did not answer in time ({name}): retry later"
-        )
-    if isinstance(exc, e.SSLError):
-        return StoreError(
-            service,
-            ErrorKind.CONNECTION,
-            f"TLS to {service} failed ({name}): check the device clock and any proxy; "
-            "certificate checks stay on",
-        )
-    if isinstance(exc, e.ConnectionError | e.HTTPClientError | e.IncompleteReadError):
-        endpoint = (
-            "HEIMDALL_S3_ENDPOINT_URL" if service == "s3" else "HEIMDALL_DYNAMODB_ENDPOINT_URL"
-        )
-        return StoreError(
-            service,
-            ErrorKind.CONNECTION,
-            f"cannot reach {service} ({name}): check the network (or {endpoint}); "
-            "captures wait in the spool",
-        )
-    if isinstance(exc, e.NoRegionError | e.InvalidRegionError):
-        return StoreError(
-            service,
-            ErrorKind.CLIENT,
-            f"the AWS region {region!r} is not usable: fix HEIMDALL_SYNC__REGION",
-        )
-    if isinstance(exc, e.ChecksumError | ResponseParserError):
-        return StoreError(
-            service, ErrorKind.MALFORMED, f"{service} sent an answer we cannot read ({name})"
-        )
-    if isinstance(exc, e.ParamValidationError):
-        return StoreError(
-            service,
-            ErrorKind.CLIENT,
-            f"heimdall_edge built a bad {service} request ({name}): report it",
-        )
-    # Sockets and anything else: cloud.classify's rules (OSError unreachable -> CONNECTION, ...).
-    general = classify(exc, service)
-    return StoreError(
-        service, general.kind, general.message, status=general.status,
-        retry_after_s=general.retry_after_s,
-    )  # fmt: skip
-
-
-_BOTO_ERRORS = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError)
-_CREDENTIAL_ERRORS: tuple[type[BaseException], ...] = tuple(
-    cls
-    for cls in (
-        getattr(botocore.exceptions, name, None)
-        for name in (
-            "CredentialRetrievalError",
-            "TokenRetrievalError",
-            "UnknownCredentialError",
-            "NoAuthTokenError",
-            "SSOError",
-            "LoginError",
-        )
-    )
-    if isinstance(cls, type)
-)
-
-
-def _code(exc: botocore.exceptions.ClientError) -> str:
-    return str(((exc.response or {}).get("Error") or {}).get("Code") or "")

@@ -37,7 +37,7 @@ import botocore.session
 from cryptography import x509
 
 from heimdall_edge.cloud.errors import ErrorKind
-from heimdall_edge.sync.cloudstore import StoreError
+from heimdall_edge.sync.store_errors import StoreError
 
 if TYPE_CHECKING:
     from heimdall_edge.settings import SyncSettings

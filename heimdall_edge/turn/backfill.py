@@ -16,7 +16,9 @@ from collections.abc import Awaitable, Callable
 from heimdall_edge.audio import Audio, AudioError, read_audio
 from heimdall_edge.engines.base import Transcript
 from heimdall_edge.spool import lease
-from heimdall_edge.spool.store import AUDIO_NAME, CaptureRecord, Spool, SpoolError
+from heimdall_edge.spool.errors import SpoolError
+from heimdall_edge.spool.record import AUDIO_NAME, CaptureRecord
+from heimdall_edge.spool.store import Spool
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,8 @@ from heimdall_edge.engines.base import Exchange, ReplyRequest, Transcript
 from heimdall_edge.engines.local.offline_reply import OFFLINE_ACK
 from heimdall_edge.listen.earcon import ERROR_EARCON
 from heimdall_edge.listen.endpointer import Utterance
-from heimdall_edge.spool.store import Spool, SpoolError, SpoolFullError
+from heimdall_edge.spool.errors import SpoolError, SpoolFullError
+from heimdall_edge.spool.store import Spool
 from heimdall_edge.streams import closing, prefetch
 from heimdall_edge.turn.routing import Answer, Engines
 from heimdall_edge.turn.speculation import Head, Speculation

@@ -24,13 +24,9 @@ from heimdall_edge.audio import Audio, AudioError, read_audio
 from heimdall_edge.cloud.errors import CloudError, ErrorKind
 from heimdall_edge.engines.base import Transcript
 from heimdall_edge.spool import lease
-from heimdall_edge.spool.store import (
-    AUDIO_NAME,
-    CaptureNotFoundError,
-    CaptureRecord,
-    Spool,
-    SpoolError,
-)
+from heimdall_edge.spool.errors import CaptureNotFoundError, SpoolError
+from heimdall_edge.spool.record import AUDIO_NAME, CaptureRecord
+from heimdall_edge.spool.store import Spool
 
 log = logging.getLogger(__name__)
 
