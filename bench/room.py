@@ -32,7 +32,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import report, room_listen
+from bench import room_listen
+from bench.machine import machine_info
 from bench.room_barge import barge_in_section
 from bench.room_cpu import cpu_section
 from bench.room_listen import pool_map, run_negative, run_positive
@@ -225,7 +226,7 @@ def main() -> int:
     ]
     results = pool_map(run_positive, jobs, args.workers, "positives")
 
-    info = report.machine_info()
+    info = machine_info()
     hours = negative_hours(material)
     print(
         ("# " if args.markdown else "") + "Listening front end in simulated rooms (bench/room.py)"

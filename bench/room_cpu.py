@@ -13,7 +13,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from bench import report
+from bench.machine import cpu_probe
+from bench.pi_estimate import pi_factors
 from bench.room_material import (
     FLOOR_DBFS,
     SPEECH_DBFS,
@@ -79,14 +80,14 @@ def cpu_section(out: Printer, material: Material, wake_word: str, seconds: float
         "Silero always on": lambda: SileroJudge(0.5),
         "Silero woken by webrtcvad (incl. webrtcvad)": lambda: SileroJudge(0.5, WebRtcJudge(2)),
     }
-    factor = report.pi_factors(report.cpu_probe(2), None)["Pi 4"]["single"]
+    factor = pi_factors(cpu_probe(2), None)["Pi 4"]["single"]
     out.heading("6. CPU per second of audio (% of one core)")
     out.note(
         f"time.process_time around each component alone over {seconds:.0f} s of the same audio per "
         f"condition. Gated: the wake model fed only while webrtcvad hears speech and {GATE_HANG_FRAMES} "
         f"frames after, replaying the {GATE_REPLAY_FRAMES} frames before on waking. Detections: how "
         f"often a wake component fired ({COMMANDS_IN_CPU_RUN} wake phrases in the last condition, none "
-        f"elsewhere). Pi 4 column: an ESTIMATE, this machine's figure × {factor:.1f} (bench/report.py's "
+        f"elsewhere). Pi 4 column: an ESTIMATE, this machine's figure × {factor:.1f} (bench/pi_estimate.py's "
         "single-core pure-Python factor; the models are native code, so treat it as a rough bound)."
     )
     rows = []
