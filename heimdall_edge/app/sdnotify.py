@@ -24,9 +24,10 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Self
 
+from heimdall_edge.clock import Clock
+
 log = logging.getLogger(__name__)
 
-Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[object]]
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from heimdall_edge.audio import Audio, joined, wav_bytes
+from heimdall_edge.clock import Clock
 from heimdall_edge.devices.base import Indicator, IndicatorState, Playback, Speaker
 from heimdall_edge.engines.base import Exchange, ReplyRequest, Transcript
 from heimdall_edge.engines.local.offline_reply import OFFLINE_ACK
@@ -33,7 +34,6 @@ from heimdall_edge.turn.speculation import Head, Speculation
 
 log = logging.getLogger(__name__)
 
-Clock = Callable[[], float]
 T = TypeVar("T")
 
 SAY_NOT_UNDERSTOOD = "Sorry, I couldn't make that out. I kept the recording."
