@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from heimdall_edge.app.sdnotify import HealthWatchdog, Notifier
+from heimdall_edge.capture import Capture
 from heimdall_edge.devices.base import (
     Button,
     ButtonEvent,
@@ -338,7 +339,7 @@ class Appliance:
         ]
         try:
             result = await self.interaction.run(
-                utterance, frames, self._playback_stop, history, speculation
+                Capture(utterance, tuple(frames)), self._playback_stop, history, speculation
             )
         finally:
             for helper in helpers:

@@ -23,10 +23,11 @@ from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
 from heimdall_edge.audio import FRAME_MS, Audio
+from heimdall_edge.capture import Trigger
 from heimdall_edge.devices.base import Button, ButtonEvent, Microphone, MicrophoneEnded, Speaker
 from heimdall_edge.listen.earcon import FOLLOW_UP_EARCON, WAKE_EARCON, Earcon
 from heimdall_edge.listen.earcon_canceller import EarconCanceller
-from heimdall_edge.listen.endpointer import Endpointer, EndReason, Trigger, Utterance
+from heimdall_edge.listen.endpointer import Endpointer, EndReason, Utterance
 from heimdall_edge.listen.frontend import NoiseAndGain
 from heimdall_edge.listen.own_voice import OwnVoiceGuard
 from heimdall_edge.listen.vad import SpeechJudge

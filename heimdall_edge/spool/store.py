@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Self
 
+from heimdall_edge.capture import Trigger
 from heimdall_edge.spool import durable, lease
 from heimdall_edge.spool.errors import (
     CaptureChangedError,
@@ -47,7 +48,6 @@ from heimdall_edge.spool.record import (
     UPDATABLE,
     CaptureRecord,
     SyncState,
-    Trigger,
     check_file,
     file_info,
     new_capture_id,
