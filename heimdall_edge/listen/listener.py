@@ -102,6 +102,10 @@ class Listener:
         self._settle_until: int | None = None
         self.frames_read = 0
         """Microphone frames read so far: the Listener's clock."""
+        self.last_frame_at: float | None = None
+        """`clock` time the latest frame arrived: the service's pulse for the watchdog."""
+        self.reading = False
+        """A read is waiting on the microphone (for long, if the device is away)."""
 
     @property
     def wake_word(self) -> WakeWord | None:
@@ -252,7 +256,12 @@ class Listener:
         self._stopping = True
 
     async def _read(self) -> bytes:
-        frame = await self._mic.read()
+        self.reading = True
+        try:
+            frame = await self._mic.read()
+        finally:
+            self.reading = False
+        self.last_frame_at = self._clock()
         self.frames_read += 1
         if self._front_end is not None:
             frame = self._front_end.process(frame)
