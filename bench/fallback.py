@@ -58,6 +58,7 @@ async def measure(limit: int | None = None) -> dict:
     """
     from heimdall_edge.app import builders
     from heimdall_edge.audio import read_audio
+    from heimdall_edge.capture import Capture
     from heimdall_edge.devices.speaker import WavFileSpeaker
     from heimdall_edge.listen.endpointer import EndReason, Utterance
     from heimdall_edge.settings import load_settings
@@ -109,7 +110,7 @@ async def measure(limit: int | None = None) -> dict:
             indicator=QuietIndicator(),
         )
         utterance = Utterance(clip, "button", EndReason.SILENCE, 1000, None, time.monotonic(), 240)
-        result = await turn.run(utterance, [], asyncio.Event())
+        result = await turn.run(Capture(utterance), asyncio.Event())
         return result.timings_ms["end_to_first_audio"]
 
     def set_faults(fault_for: dict[str, Fault | None]) -> None:

@@ -465,6 +465,7 @@ async def _soak(plan: _Plan, cloud: Child, tally: _Tally) -> SoakResult:
     from heimdall_edge.app import builders
     from heimdall_edge.app.appliance import Appliance
     from heimdall_edge.settings import load_settings
+    from heimdall_edge.spool.durable import folder_bytes
 
     turns, warmup, every, clips = plan.turns, plan.warmup, plan.every, plan.clips
     settings = load_settings(plan.config)
@@ -553,8 +554,8 @@ async def _soak(plan: _Plan, cloud: Child, tally: _Tally) -> SoakResult:
         result.sync = syncer.status()
         result.spool_counts = spool.counts()
         if engines.cache is not None:
-            result.cache_bytes = _folder_bytes(settings.state_dir / "voice-cache")
-        result.spool_bytes = _folder_bytes(settings.spool_dir)
+            result.cache_bytes = folder_bytes(settings.state_dir / "voice-cache")
+        result.spool_bytes = folder_bytes(settings.spool_dir)
         result.index_bytes = {
             str(path.relative_to(settings.state_dir)): path.stat().st_size
             for path in sorted(settings.state_dir.rglob("*.sqlite3*"))
@@ -573,15 +574,6 @@ def _type_counts() -> collections.Counter[str]:
     return collections.Counter(
         f"{type(o).__module__}.{type(o).__qualname__}" for o in gc.get_objects()
     )
-
-
-def _folder_bytes(folder: Path) -> int:
-    total = 0
-    for path in folder.rglob("*"):
-        with contextlib.suppress(OSError):
-            if path.is_file():
-                total += path.stat().st_size
-    return total
 
 
 # ---- reporting ----------------------------------------------------------------------------------

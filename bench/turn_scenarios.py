@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from heimdall_edge.audio import Audio, read_audio, silence
+from heimdall_edge.capture import Capture
 from heimdall_edge.devices.microphone import FileMicrophone
 from heimdall_edge.devices.speaker import WavFileSpeaker
 from heimdall_edge.listen.endpointer import EndReason, Utterance
@@ -50,7 +51,7 @@ def interaction(engines: Engines, spool: Spool) -> Interaction:
 async def plain_turn(turn: Interaction, clip: Audio) -> dict[str, Any]:
     """One turn on a whole clip (no listening): its first audio (ms) and engines."""
     utterance = Utterance(clip, "button", EndReason.SILENCE, 1000, None, time.monotonic(), 240)
-    result = await turn.run(utterance, [], asyncio.Event())
+    result = await turn.run(Capture(utterance), asyncio.Event())
     return {"ms": result.timings_ms["end_to_first_audio"], "engines": dict(result.engines)}
 
 
@@ -74,7 +75,7 @@ async def listened_turn(engines: Engines, spool: Spool, clip: Audio, speculate: 
     )
     utterance = await listener.next_utterance(pauses=speculation)
     assert utterance is not None and utterance.has_speech
-    result = await turn.run(utterance, [], asyncio.Event(), speculation=speculation)
+    result = await turn.run(Capture(utterance), asyncio.Event(), speculation=speculation)
     assert result.speculative is speculate, "a speculative turn answered plainly, or the reverse"
     return result.timings_ms["end_to_first_audio"]
 

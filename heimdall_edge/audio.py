@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import wave
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,12 @@ class Audio:
         return len(self.pcm) / (SAMPLE_WIDTH * self.sample_rate)
 
     def to_wav(self) -> bytes:
+        """This audio as a WAV file, encoded on the first call only: a capture's WAV goes
+        to the spool and to cloud Whisper (each attempt), from one encoding."""
+        return self._wav
+
+    @cached_property
+    def _wav(self) -> bytes:
         return wav_bytes(self.pcm, self.sample_rate)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from heimdall_edge.audio import Audio, read_audio
+from heimdall_edge.capture import Capture
 from heimdall_edge.devices.base import IndicatorState
 from heimdall_edge.devices.speaker import WavFileSpeaker
 from heimdall_edge.engines.base import ReplyRequest, Transcript
@@ -103,7 +104,7 @@ async def test_transcription_failure_keeps_the_capture_and_says_so(
         spool, Engines(stt=Broken(), reply=OfflineReplyEngine(), tts=piper), speaker, indicator
     )
     result = await asyncio.wait_for(
-        turn.run(utterance(speech_dir), [b"\xff\xd8jpeg"], asyncio.Event()), 60
+        turn.run(Capture(utterance(speech_dir), (b"\xff\xd8jpeg",)), asyncio.Event()), 60
     )
     record = spool.get(result.capture_id)
     assert record.status == "failed" and "model exploded" in record.error
@@ -125,7 +126,7 @@ async def test_no_speech_is_not_understood_and_never_answered(
     turn = interaction(
         spool, Engines(stt=FixedTranscript(""), reply=Broken(), tts=piper), speaker, indicator
     )
-    result = await asyncio.wait_for(turn.run(utterance(speech_dir), [], asyncio.Event()), 60)
+    result = await asyncio.wait_for(turn.run(Capture(utterance(speech_dir)), asyncio.Event()), 60)
     record = spool.get(result.capture_id)
     assert (record.transcript, record.reply, record.error) == ("", SAY_NOT_UNDERSTOOD, None)
     assert record.status == "complete" and record.engines == {"stt": "fixed", "tts": "piper"}
@@ -146,7 +147,7 @@ async def test_speech_failure_falls_back_to_an_earcon(
         speaker,
         RecordingIndicator(),
     )
-    result = await asyncio.wait_for(turn.run(utterance(speech_dir), [], asyncio.Event()), 30)
+    result = await asyncio.wait_for(turn.run(Capture(utterance(speech_dir)), asyncio.Event()), 30)
     assert speaker.seconds_played == pytest.approx(ERROR_EARCON.audio.seconds, abs=0.01)
     record = spool.get(result.capture_id)
     assert record.transcript == "what time is it" and record.reply.startswith("It's")
@@ -163,7 +164,7 @@ async def test_reply_failure_still_answers_aloud(
         speaker,
         RecordingIndicator(),
     )
-    result = await asyncio.wait_for(turn.run(utterance(speech_dir), [], asyncio.Event()), 30)
+    result = await asyncio.wait_for(turn.run(Capture(utterance(speech_dir)), asyncio.Event()), 30)
     assert speaker.seconds_played > 1.0
     assert spool.get(result.capture_id).reply == "I kept that, but I can't answer right now."
 
@@ -182,7 +183,7 @@ async def test_full_disk_is_spoken_and_nothing_half_written(
         speaker,
         RecordingIndicator(),
     )
-    result = await asyncio.wait_for(turn.run(utterance(speech_dir), [], asyncio.Event()), 30)
+    result = await asyncio.wait_for(turn.run(Capture(utterance(speech_dir)), asyncio.Event()), 30)
     assert result.capture_id is None and "full" in result.error
     assert speaker.seconds_played > 1.0  # SAY_STORAGE_FULL was spoken
     assert SAY_STORAGE_FULL in "My storage is full, so I couldn't keep that."
@@ -207,7 +208,7 @@ async def test_barge_in_stops_playback_and_keeps_the_capture(
         speaker,
         indicator,
     )
-    task = asyncio.create_task(turn.run(utterance(speech_dir), [], stop))
+    task = asyncio.create_task(turn.run(Capture(utterance(speech_dir)), stop))
     while IndicatorState.SPEAKING not in indicator.states:
         await asyncio.sleep(0.02)
     await asyncio.sleep(1.0)

@@ -25,8 +25,9 @@ from heimdall_edge.audio import (
     read_audio,
     silence,
 )
+from heimdall_edge.capture import Trigger
 from heimdall_edge.devices.base import ButtonEvent, MicrophoneEnded
-from heimdall_edge.listen.endpointer import Endpointer, EndReason, Trigger, Utterance
+from heimdall_edge.listen.endpointer import Endpointer, EndReason, Utterance
 from heimdall_edge.listen.listener import Listener
 from heimdall_edge.settings import ListeningSettings
 

@@ -287,3 +287,19 @@ async def test_long_start_up_keeps_extending_the_start_timeout_until_it_ends(rec
         assert set(sent) == {b"EXTEND_TIMEOUT_USEC=300000"}
         await asyncio.sleep(0.25)
         assert receiver.pending() == []  # stopped with the block
+
+
+def test_a_fresh_pulse_counts_as_progress(receiver):
+    """The listener's latest frame time stands in for a beat per frame; an old one does not."""
+    clock = FakeClock(start=100.0)
+    frame_at: list[float | None] = [None]
+    with Notifier(receiver.notify_socket) as notifier:
+        dog = HealthWatchdog(notifier, 15.0, clock=clock, pulse=lambda: frame_at[0])
+        clock.now += 15
+        assert dog.tick() is False  # no frame yet
+        frame_at[0] = clock.now - 0.03
+        assert dog.tick() is True
+        assert receiver.recv() == b"WATCHDOG=1"
+        clock.now += 15  # the frame is now an interval old: the loop stopped reading
+        assert dog.tick() is False
+        assert receiver.pending() == []

@@ -21,6 +21,7 @@ import pytest
 from heimdall_edge.app import builders
 from heimdall_edge.app.appliance import Appliance
 from heimdall_edge.audio import FRAME_BYTES, Audio, read_audio, silence
+from heimdall_edge.capture import Capture
 from heimdall_edge.cloud.breaker import BreakerState
 from heimdall_edge.devices.base import Playback
 from heimdall_edge.engines.base import ReplyRequest, Transcript
@@ -250,7 +251,7 @@ async def test_a_drop_racing_the_hang_overs_end_answers_once(
     with streams_left_to_the_gc() as left:
         racer = asyncio.create_task(late_resumption())
         result = await asyncio.wait_for(
-            turn.run(utterance, [], asyncio.Event(), speculation=speculation), TIMEOUT
+            turn.run(Capture(utterance), asyncio.Event(), speculation=speculation), TIMEOUT
         )
         await racer
     assert left == []

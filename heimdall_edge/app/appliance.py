@@ -1,8 +1,8 @@
 """The service: brings devices and engines up, runs turns forever, talks to systemd.
 
 READY=1 is sent only once devices are open and engines loaded. WATCHDOG=1 is
-sent only while the loop really makes progress: each microphone frame it
-consumes, each stage it finishes (see HealthWatchdog). SIGTERM stops taking new
+sent only while the loop really makes progress: the listener read a microphone
+frame lately (its pulse), or a stage finished (see HealthWatchdog). SIGTERM stops taking new
 captures, cuts playback short and lets the current capture finish writing.
 """
 
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from heimdall_edge.app.sdnotify import HealthWatchdog, Notifier
+from heimdall_edge.capture import Capture
 from heimdall_edge.devices.base import (
     Button,
     ButtonEvent,
@@ -69,44 +70,6 @@ class Devices:
         await asyncio.gather(self.microphone.aclose(), self.camera.aclose(), self.speaker.aclose())
 
 
-class _PulsingMicrophone:
-    """The microphone as the listener sees it: every frame consumed is a watchdog beat.
-
-    A read that stalls (device unplugged, reopening with backoff) still beats once
-    a second, since the loop itself is alive and waiting; a wedged loop stops
-    reading and so stops beating.
-    """
-
-    def __init__(
-        self, microphone: Microphone, beat: Callable[[], None], notifier: Notifier
-    ) -> None:
-        self._microphone = microphone
-        self._beat = beat
-        self._notifier = notifier
-        self.name = microphone.name
-        self._stalled = False
-
-    async def read(self) -> bytes:
-        read = asyncio.ensure_future(self._microphone.read())
-        while True:
-            done, _ = await asyncio.wait({read}, timeout=MIC_STALL_S)
-            self._beat()
-            if done:
-                if self._stalled:
-                    self._stalled = False
-                    self._notifier.status("listening")
-                return read.result()
-            if not self._stalled:
-                self._stalled = True
-                self._notifier.status(f"waiting for microphone {self.name}")
-
-    def flush(self) -> None:
-        self._microphone.flush()
-
-    async def aclose(self) -> None:
-        await self._microphone.aclose()
-
-
 class Appliance:
     def __init__(
         self,
@@ -127,10 +90,12 @@ class Appliance:
         self.keeper = syncer.keeper if syncer else SpoolKeeper(spool, settings.sync)
         """Retention and quota, one per process: the syncer's when there is one."""
         self.notifier = notifier or Notifier()
-        self.watchdog = HealthWatchdog.from_env(self.notifier, clock=clock)
-        self._microphone = _PulsingMicrophone(devices.microphone, self.watchdog.beat, self.notifier)
+        self._clock = clock
         self.listener = build_listener(
-            self._microphone, devices.button, settings.listening, devices.speaker, clock=clock
+            devices.microphone, devices.button, settings.listening, devices.speaker, clock=clock
+        )
+        self.watchdog = HealthWatchdog.from_env(
+            self.notifier, clock=clock, pulse=lambda: self.listener.last_frame_at
         )
         self.conversation = Conversation(
             settings.cloud.history_turns, settings.cloud.history_minutes * 60, clock
@@ -213,8 +178,10 @@ class Appliance:
 
         A finite microphone (simulation from files) running out ends the service cleanly.
         """
-        watchdog = asyncio.create_task(self.watchdog.run(), name="watchdog")
-        background = [watchdog]
+        background = [
+            asyncio.create_task(self.watchdog.run(), name="watchdog"),
+            asyncio.create_task(self._watch_microphone(), name="microphone-stall"),
+        ]
         # One probe per cloud speech service; the store's runs in the syncer.
         for service, connectivity in self.engines.connectivities.items():
             background.append(
@@ -338,7 +305,7 @@ class Appliance:
         ]
         try:
             result = await self.interaction.run(
-                utterance, frames, self._playback_stop, history, speculation
+                Capture(utterance, tuple(frames)), self._playback_stop, history, speculation
             )
         finally:
             for helper in helpers:
@@ -422,6 +389,30 @@ class Appliance:
             self.watchdog.beat()
             await asyncio.sleep(1.0)
         log.error("turn has run for over %.0f s: no longer healthy", TURN_HEALTHY_S)
+
+    async def _watch_microphone(self) -> None:
+        """Say when a read waits on the microphone (unplugged, reopening with backoff), and beat.
+
+        A loop waiting on the device is alive, so it still beats, once a second; a
+        wedged loop stops reading, and so stops both the pulse and these beats.
+        """
+        started = self._clock()
+        stalled = False
+        while True:
+            await asyncio.sleep(MIC_STALL_S)
+            last = self.listener.last_frame_at
+            waiting = self.listener.reading and (
+                self._clock() - (started if last is None else last) >= MIC_STALL_S
+            )
+            if waiting:
+                self.watchdog.beat()
+            if waiting != stalled:
+                stalled = waiting
+                self.notifier.status(
+                    f"waiting for microphone {self.devices.microphone.name}"
+                    if waiting
+                    else "listening"
+                )
 
     async def _watch_barge_in(self) -> None:
         """A press while the device is answering stops the playback."""

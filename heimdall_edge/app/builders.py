@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from heimdall_edge.app.appliance import Devices
-from heimdall_edge.cloud.breaker import CircuitBreaker, Clock
+from heimdall_edge.clock import Clock
+from heimdall_edge.cloud.breaker import CircuitBreaker
 from heimdall_edge.cloud.connectivity import Connectivity, tcp_probe
 from heimdall_edge.cloud.policy import CallPolicy, LatencyNorm, RateLimit
 from heimdall_edge.engines.cloud.cloud_reply import CloudReplyEngine

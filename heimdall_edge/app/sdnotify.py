@@ -9,8 +9,9 @@ and the appliance carries on.
 
 The watchdog is not a blind timer. `HealthWatchdog` pings ``WATCHDOG=1`` only
 when the service loop has called `HealthWatchdog.beat` since the previous
-ping, so a wedged loop stops the pings and systemd restarts the service
-(``WatchdogSec=`` with ``Restart=on-failure``).
+ping, or its pulse (the time the latest microphone frame was read) is younger
+than one interval, so a wedged loop stops the pings and systemd restarts the
+service (``WatchdogSec=`` with ``Restart=on-failure``).
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Self
 
+from heimdall_edge.clock import Clock
+
 log = logging.getLogger(__name__)
 
-Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[object]]
 
 
@@ -187,11 +189,12 @@ class HealthWatchdog:
     """Pings ``WATCHDOG=1`` each interval, but only if the service proved itself healthy.
 
     The service loop calls `beat` whenever it really made progress (an
-    interaction finished, idle listening consumed audio). `run` wakes every
-    `interval` seconds and pings only if a beat happened since the previous
-    ping; otherwise it withholds the ping, logs it, and systemd restarts the
-    service once ``WatchdogSec=`` passes without one. The loop must therefore
-    beat at least once per `interval` (half of ``WatchdogSec=``).
+    interaction finished); progress too frequent to beat for (a microphone frame
+    every 30 ms) is read from `pulse` instead, the clock time it last happened.
+    `run` wakes every `interval` seconds and pings only if a beat happened since
+    the previous ping or the pulse is younger than `interval`; otherwise it
+    withholds the ping, logs it, and systemd restarts the service once
+    ``WatchdogSec=`` passes without one.
     """
 
     def __init__(
@@ -201,6 +204,7 @@ class HealthWatchdog:
         *,
         clock: Clock = time.monotonic,
         sleep: Sleep = asyncio.sleep,
+        pulse: Callable[[], float | None] = lambda: None,
     ):
         if interval is not None and interval <= 0:
             raise ValueError(f"watchdog interval must be positive, got {interval!r}")
@@ -208,6 +212,7 @@ class HealthWatchdog:
         self.interval = interval
         self._clock = clock
         self._sleep = sleep
+        self._pulse = pulse
         self._beaten = False
         self._withholding = False
         self.last_beat: float | None = None
@@ -225,9 +230,10 @@ class HealthWatchdog:
         environ: Mapping[str, str] | None = None,
         clock: Clock = time.monotonic,
         sleep: Sleep = asyncio.sleep,
+        pulse: Callable[[], float | None] = lambda: None,
     ) -> Self:
         """A watchdog paced by ``$WATCHDOG_USEC`` (inactive when systemd set no watchdog)."""
-        return cls(notifier, watchdog_interval(environ), clock=clock, sleep=sleep)
+        return cls(notifier, watchdog_interval(environ), clock=clock, sleep=sleep, pulse=pulse)
 
     @property
     def active(self) -> bool:
@@ -240,13 +246,14 @@ class HealthWatchdog:
         self.last_beat = self._clock()
 
     def tick(self) -> bool:
-        """One check: ping if a beat happened since the last ping. Returns whether it pinged."""
+        """One check: ping if a beat happened since the last ping, or the pulse is younger
+        than an interval. Returns whether it pinged."""
         now = self._clock()
-        if not self._beaten:
+        pulsed = self._pulse()
+        if not (self._beaten or self._fresh(pulsed, now)):
             if not self._withholding:
-                since = (
-                    "since start" if self.last_beat is None else f"for {now - self.last_beat:.1f} s"
-                )
+                last = max((t for t in (self.last_beat, pulsed) if t is not None), default=None)
+                since = "since start" if last is None else f"for {now - last:.1f} s"
                 log.warning(
                     "service loop made no progress %s: withholding the watchdog ping", since
                 )
@@ -260,6 +267,10 @@ class HealthWatchdog:
         self.pings += 1
         self._notifier.watchdog()
         return True
+
+    def _fresh(self, pulsed: float | None, now: float) -> bool:
+        """Whether the pulse came within the last interval (so, about, since the last tick)."""
+        return pulsed is not None and self.interval is not None and now - pulsed < self.interval
 
     async def run(self) -> None:
         """Tick every `interval` until cancelled; returns at once if no watchdog is active."""

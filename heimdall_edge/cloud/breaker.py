@@ -14,11 +14,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from heimdall_edge.clock import Clock
 from heimdall_edge.cloud.errors import BREAKER_FAILURES, ErrorKind
 
 log = logging.getLogger(__name__)
-
-Clock = Callable[[], float]
 
 
 class BreakerState(enum.Enum):

@@ -23,7 +23,8 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_aft
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base, wait_random_exponential
 
-from heimdall_edge.cloud.breaker import BreakerState, CircuitBreaker, Clock
+from heimdall_edge.clock import Clock
+from heimdall_edge.cloud.breaker import BreakerState, CircuitBreaker
 from heimdall_edge.cloud.classify import classify
 from heimdall_edge.cloud.errors import RETRYABLE, CloudError, ErrorKind
 

@@ -17,9 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from heimdall_edge.audio import FRAME_MS, SAMPLE_RATE, Audio
+from heimdall_edge.capture import Trigger
 from heimdall_edge.listen.vad import ScriptedJudge, SpeechJudge, make_judge
 from heimdall_edge.settings import ListeningSettings
-from heimdall_edge.spool.record import Trigger
 
 
 class EndReason(enum.Enum):

@@ -23,10 +23,11 @@ from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
 from heimdall_edge.audio import FRAME_MS, Audio
+from heimdall_edge.capture import Trigger
 from heimdall_edge.devices.base import Button, ButtonEvent, Microphone, MicrophoneEnded, Speaker
 from heimdall_edge.listen.earcon import FOLLOW_UP_EARCON, WAKE_EARCON, Earcon
 from heimdall_edge.listen.earcon_canceller import EarconCanceller
-from heimdall_edge.listen.endpointer import Endpointer, EndReason, Trigger, Utterance
+from heimdall_edge.listen.endpointer import Endpointer, EndReason, Utterance
 from heimdall_edge.listen.frontend import NoiseAndGain
 from heimdall_edge.listen.own_voice import OwnVoiceGuard
 from heimdall_edge.listen.vad import SpeechJudge
@@ -101,6 +102,10 @@ class Listener:
         self._settle_until: int | None = None
         self.frames_read = 0
         """Microphone frames read so far: the Listener's clock."""
+        self.last_frame_at: float | None = None
+        """`clock` time the latest frame arrived: the service's pulse for the watchdog."""
+        self.reading = False
+        """A read is waiting on the microphone (for long, if the device is away)."""
 
     @property
     def wake_word(self) -> WakeWord | None:
@@ -251,7 +256,12 @@ class Listener:
         self._stopping = True
 
     async def _read(self) -> bytes:
-        frame = await self._mic.read()
+        self.reading = True
+        try:
+            frame = await self._mic.read()
+        finally:
+            self.reading = False
+        self.last_frame_at = self._clock()
         self.frames_read += 1
         if self._front_end is not None:
             frame = self._front_end.process(frame)

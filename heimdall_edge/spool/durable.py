@@ -133,6 +133,23 @@ def remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def folder_bytes(folder: Path) -> int:
+    """Bytes in the files under `folder`, subfolders included, for quotas and reports.
+
+    Symlinks are not followed; a file or folder deleted while counting (an eviction, a
+    sync) counts nothing. A missing `folder` raises FileNotFoundError.
+    """
+    total = 0
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            with contextlib.suppress(FileNotFoundError):
+                if entry.is_dir(follow_symlinks=False):
+                    total += folder_bytes(Path(entry.path))
+                else:
+                    total += entry.stat(follow_symlinks=False).st_size
+    return total
+
+
 def is_disk_full(exc: BaseException) -> bool:
     """Whether a storage error means the disk (or the user's quota) is full."""
     if isinstance(exc, OSError):

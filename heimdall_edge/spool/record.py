@@ -17,11 +17,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, TypedDict, get_args
 
+from heimdall_edge.capture import Trigger
 from heimdall_edge.spool.errors import SpoolError, SpoolUnavailable
 
 SCHEMA_VERSION = 1
-Trigger = Literal["button", "voice", "wake_word", "follow_up"]
-"""What started a capture: a press, speech onset (no wake word set), the wake word, or speech in a follow-up window."""
 Status = Literal["captured", "complete", "failed"]
 SyncState = Literal["pending", "synced", "failed"]
 TRIGGERS: tuple[str, ...] = get_args(Trigger)

@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Self
 
+from heimdall_edge.capture import Trigger
 from heimdall_edge.spool import durable, lease
 from heimdall_edge.spool.errors import (
     CaptureChangedError,
@@ -47,7 +48,6 @@ from heimdall_edge.spool.record import (
     UPDATABLE,
     CaptureRecord,
     SyncState,
-    Trigger,
     check_file,
     file_info,
     new_capture_id,
@@ -430,7 +430,7 @@ class Spool(Recovery):
             folder = self._folder(capture_id)
             doomed = durable.free_name(self._tmp, f"deleted-{capture_id}")
             try:
-                size = _folder_bytes(folder)
+                size = durable.folder_bytes(folder)
                 self._remove_capture(folder, doomed, unchanged)
             except (OSError, sqlite3.Error) as exc:
                 if not durable.is_disk_full(exc):
@@ -467,7 +467,7 @@ class Spool(Recovery):
     def folder_bytes(self, capture_id: str) -> int:
         """What one capture's folder holds on disk; 0 if it is gone (or cannot be read)."""
         try:
-            return _folder_bytes(self.path(capture_id))
+            return durable.folder_bytes(self.path(capture_id))
         except (OSError, CaptureNotFoundError):
             return 0
 
@@ -574,11 +574,3 @@ class Spool(Recovery):
 def _connect(path: Path) -> sqlite3.Connection:
     """Open the index in WAL mode with FULL sync: a committed row survives a power cut."""
     return durable.open_sqlite(path, SCHEMA, synchronous="FULL", busy_timeout_s=BUSY_TIMEOUT_S)
-
-
-def _folder_bytes(folder: Path) -> int:
-    total = 0
-    for entry in os.scandir(folder):
-        with contextlib.suppress(FileNotFoundError):
-            total += entry.stat(follow_symlinks=False).st_size
-    return total

@@ -6,7 +6,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from heimdall_edge.cloud.breaker import Clock
+from heimdall_edge.clock import Clock
 
 BURST_S = 0.25
 """The bandwidth cap lets this many seconds' worth of bytes through at once."""

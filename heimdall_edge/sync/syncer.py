@@ -23,7 +23,8 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from heimdall_edge.cloud.breaker import BreakerState, CircuitBreaker, Clock
+from heimdall_edge.clock import Clock
+from heimdall_edge.cloud.breaker import BreakerState, CircuitBreaker
 from heimdall_edge.cloud.errors import CloudError, ErrorKind
 from heimdall_edge.settings import SyncSettings
 from heimdall_edge.spool.errors import SpoolError

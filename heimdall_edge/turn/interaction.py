@@ -14,17 +14,18 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 from heimdall_edge.audio import Audio, joined, wav_bytes
+from heimdall_edge.capture import Capture
+from heimdall_edge.clock import Clock
 from heimdall_edge.devices.base import Indicator, IndicatorState, Playback, Speaker
 from heimdall_edge.engines.base import Exchange, ReplyRequest, Transcript
 from heimdall_edge.engines.local.offline_reply import OFFLINE_ACK
 from heimdall_edge.listen.earcon import ERROR_EARCON
-from heimdall_edge.listen.endpointer import Utterance
 from heimdall_edge.spool.errors import SpoolError, SpoolFullError
 from heimdall_edge.spool.store import Spool
 from heimdall_edge.streams import closing, prefetch
@@ -33,7 +34,6 @@ from heimdall_edge.turn.speculation import Head, Speculation
 
 log = logging.getLogger(__name__)
 
-Clock = Callable[[], float]
 T = TypeVar("T")
 
 SAY_NOT_UNDERSTOOD = "Sorry, I couldn't make that out. I kept the recording."
@@ -120,27 +120,26 @@ class Interaction:
 
     async def run(
         self,
-        utterance: Utterance,
-        frames: list[bytes],
+        capture: Capture,
         stop: asyncio.Event,
         history: tuple[Exchange, ...] = (),
         speculation: Speculation | None = None,
     ) -> TurnResult:
-        """One turn; `history` is the conversation so far, for the reply. With `speculation`,
+        """One turn on `capture`; `history` is the conversation so far, for the reply. With `speculation`,
         what it made ready at the last pause is used and the rest done here; it is closed
         when the turn ends, whatever happened."""
         watch = Stopwatch(self._clock)
-        watch.timings_ms["listen"] = utterance.audio.seconds * 1000
+        watch.timings_ms["listen"] = capture.audio.seconds * 1000
         self._indicator.show(IndicatorState.THINKING)
         with watch.stage("keep"):
             try:
-                await self._ensure_room(utterance, frames)
+                await self._ensure_room(capture)
                 record = await asyncio.to_thread(
                     self._spool.create,
                     device_id=self._device_id,
-                    trigger=utterance.trigger,
-                    audio_wav=utterance.audio.to_wav(),
-                    frames=frames,
+                    trigger=capture.trigger,
+                    audio_wav=capture.wav,
+                    frames=capture.frames,
                     leased=True,
                 )
             except SpoolFullError as exc:
@@ -158,7 +157,7 @@ class Interaction:
                 if head is not None:
                     result.speculative = True
                     watch.timings_ms.update(head.timings_ms)
-            await self._understand_and_answer(result, utterance, frames, stop, watch, history, head)
+            await self._understand_and_answer(result, capture, stop, watch, history, head)
         finally:
             if head is not None:
                 await head.aclose()
@@ -171,16 +170,16 @@ class Interaction:
             self._indicator.show(IndicatorState.ERROR if result.error else IndicatorState.IDLE)
         return result
 
-    async def _ensure_room(self, utterance: Utterance, frames: list[bytes]) -> None:
+    async def _ensure_room(self, capture: Capture) -> None:
         """Make space under the spool quota first; refusing the capture is the last resort."""
-        needed = len(utterance.audio.pcm) + sum(len(frame) for frame in frames) + 64 * 1024
+        needed = len(capture.audio.pcm) + sum(len(frame) for frame in capture.frames) + 64 * 1024
         if self._make_room is not None and not await asyncio.to_thread(self._make_room, needed):
             raise SpoolFullError(
                 "the spool is at its quota and nothing can be evicted: raise sync.quota_mb, let sync catch up, or allow sync.evict_unsynced"
             )
 
     async def request_for(
-        self, transcript: Transcript, frames: list[bytes], history: tuple[Exchange, ...]
+        self, transcript: Transcript, frames: Sequence[bytes], history: tuple[Exchange, ...]
     ) -> ReplyRequest:
         """What the reply engines are asked: the words, the latest frame, the device's state."""
         pending = await asyncio.to_thread(self._pending_count)
@@ -199,8 +198,7 @@ class Interaction:
     async def _understand_and_answer(
         self,
         result: TurnResult,
-        utterance: Utterance,
-        frames: list[bytes],
+        capture: Capture,
         stop: asyncio.Event,
         watch: Stopwatch,
         history: tuple[Exchange, ...],
@@ -211,7 +209,7 @@ class Interaction:
         else:
             with watch.stage("transcribe"):
                 try:
-                    transcript = await self._engines.transcribe(utterance.audio)
+                    transcript = await self._engines.transcribe(capture.audio)
                 except Exception as exc:
                     log.exception("speech-to-text failed for capture %s", result.capture_id)
                     result.error = f"transcribe: {exc}"
@@ -222,7 +220,7 @@ class Interaction:
         if transcript is None or not answerable(transcript):  # nothing to answer: say so
             if transcript is not None:
                 log.info("capture %s: no speech heard (%s)", result.capture_id, transcript.engine)
-            spoken = await self._speak(result, _one(SAY_NOT_UNDERSTOOD), utterance, stop, watch)
+            spoken = await self._speak(result, _one(SAY_NOT_UNDERSTOOD), capture, stop, watch)
             result.reply = " ".join(spoken)
             return
         answer = head.reply if head is not None else None
@@ -230,7 +228,7 @@ class Interaction:
             with watch.stage("reply"):
                 try:
                     answer = await self._engines.reply(
-                        await self.request_for(transcript, frames, history)
+                        await self.request_for(transcript, capture.frames, history)
                     )
                 except Exception as exc:
                     log.exception("reply failed for capture %s", result.capture_id)
@@ -239,14 +237,14 @@ class Interaction:
             result.engines["reply"] = answer.engine
         sentences = answer.items() if answer is not None else _one(SAY_NO_REPLY)
         first_speech = head.speech if head is not None else None
-        spoken = await self._speak(result, sentences, utterance, stop, watch, first_speech)
+        spoken = await self._speak(result, sentences, capture, stop, watch, first_speech)
         result.reply = " ".join(spoken)
 
     async def _speak(
         self,
         result: TurnResult,
         sentences: AsyncIterator[str],
-        utterance: Utterance,
+        capture: Capture,
         stop: asyncio.Event,
         watch: Stopwatch,
         first_speech: Answer[Audio] | None = None,
@@ -281,7 +279,7 @@ class Interaction:
         result.interrupted = playback.interrupted
         if playback.first_audio_at is not None:
             watch.timings_ms["end_to_first_audio"] = (
-                playback.first_audio_at - utterance.ended_at
+                playback.first_audio_at - capture.utterance.ended_at
             ) * 1000
         if played and result.capture_id:
             try:
