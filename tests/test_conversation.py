@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from heimdall_edge.engines.base import Exchange, ReplyRequest
-from heimdall_edge.engines.cloud.cloud_reply import SYSTEM_PROMPT, CloudReplyEngine
+from heimdall_edge.engines.cloud.openai_reply import SYSTEM_PROMPT, OpenAIReplyEngine
 from heimdall_edge.engines.local.offline_reply import OfflineReplyEngine
 from heimdall_edge.testing.clocks import FakeClock
 from heimdall_edge.turn.conversation import Conversation
@@ -48,7 +48,7 @@ def test_zero_turns_means_every_turn_stands_alone() -> None:
 
 
 def test_the_cloud_reply_sees_the_earlier_turns_in_order() -> None:
-    engine = CloudReplyEngine(client=None, model="m", max_tokens=50)  # type: ignore[arg-type]
+    engine = OpenAIReplyEngine(client=None, model="m", max_tokens=50)  # type: ignore[arg-type]
     request = ReplyRequest(
         "and tomorrow?",
         history=(Exchange("what's on today", "Two meetings."), Exchange("when", "At ten.")),

@@ -18,8 +18,8 @@ from heimdall_edge.clock import Clock
 from heimdall_edge.cloud.breaker import CircuitBreaker
 from heimdall_edge.cloud.connectivity import Connectivity, tcp_probe
 from heimdall_edge.cloud.policy import CallPolicy, LatencyNorm, RateLimit
-from heimdall_edge.engines.cloud.cloud_reply import CloudReplyEngine
 from heimdall_edge.engines.cloud.elevenlabs import ElevenLabsEngine
+from heimdall_edge.engines.cloud.openai_reply import OpenAIReplyEngine
 from heimdall_edge.engines.cloud.openai_whisper import OpenAIWhisperEngine
 from heimdall_edge.engines.local.faster_whisper import FasterWhisperEngine
 from heimdall_edge.engines.local.offline_reply import OfflineReplyEngine
@@ -112,7 +112,7 @@ def build_engines(
             ),
         )
         engines.cloud_reply = Cloud(
-            CloudReplyEngine(client, model=cloud.reply_model, max_tokens=cloud.reply_max_tokens),
+            OpenAIReplyEngine(client, model=cloud.reply_model, max_tokens=cloud.reply_max_tokens),
             policy(
                 "openai",
                 openai_breaker,

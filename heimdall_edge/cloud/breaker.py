@@ -1,7 +1,7 @@
 """The circuit breaker: stop calling a service that keeps failing, probe it now and then.
 
-The one gate every cloud caller goes through (speech, replies and the capture store
-alike), directly or through a CallPolicy. Time is injected (`clock`) so tests are
+Every cloud caller (speech, replies and the capture store alike) asks its service's
+breaker through a BreakerGate (gate.py). Time is injected (`clock`) so tests are
 exact and never sleep.
 """
 

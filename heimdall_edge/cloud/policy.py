@@ -27,6 +27,7 @@ from heimdall_edge.clock import Clock
 from heimdall_edge.cloud.breaker import BreakerState, CircuitBreaker
 from heimdall_edge.cloud.classify import classify
 from heimdall_edge.cloud.errors import RETRYABLE, CloudError, ErrorKind
+from heimdall_edge.cloud.gate import Attempt, BreakerGate
 
 if TYPE_CHECKING:
     from heimdall_edge.cloud.connectivity import Connectivity
@@ -147,8 +148,8 @@ class CallPolicy:
 
     `fn(timeout_s)` performs one attempt with a per-attempt timeout (what is left of
     the deadline). Only RATE_LIMIT, SERVER, TIMEOUT and CONNECTION are retried, and
-    only when a retry can still finish within the deadline. Every attempt's outcome
-    goes to the breaker and to connectivity.
+    only when a retry can still finish within the deadline. Every attempt goes through
+    the service's BreakerGate, which tells the breaker and connectivity how it went.
 
     Slowness is failure, of the service and not of the network: overrunning the
     deadline, or answering far slower than this call's recent normal (`norm`), counts
@@ -177,19 +178,26 @@ class CallPolicy:
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
         self.service = service
-        self.breaker = breaker
+        self.gate = BreakerGate(service, breaker, connectivity)
         self.rate_limit = rate_limit
         self.deadline_s = deadline_s
         self.max_attempts = max_attempts
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
         self.min_attempt_s = min_attempt_s  # the least time worth starting a retry with
-        self.connectivity = connectivity
         self.norm = norm or LatencyNorm()
         self.stats: collections.Counter[str] = collections.Counter()
         """Calls made, answered, failed by kind, slow, cancelled, skipped: for the status."""
         self._clock = clock
         self._sleep = sleep
+
+    @property
+    def breaker(self) -> CircuitBreaker:
+        return self.gate.breaker
+
+    @property
+    def connectivity(self) -> Connectivity | None:
+        return self.gate.connectivity
 
     async def call(self, fn: Callable[[float], Awaitable[T]]) -> T:
         """One cloud call within `deadline_s`, or a CloudError saying why not."""
@@ -233,13 +241,7 @@ class CallPolicy:
     async def _attempt(
         self, fn: Callable[[float], Awaitable[T]], deadline_at: float, scope: asyncio.Timeout
     ) -> T:
-        probing = self.breaker.state is BreakerState.HALF_OPEN
-        if not self.breaker.allow():
-            raise CloudError(
-                self.service, ErrorKind.BREAKER_OPEN, "circuit breaker open; call skipped"
-            )
-        settled = False
-        try:
+        with self.gate.attempt() as attempt:
             async with self.rate_limit:
                 left = deadline_at - self._clock()
                 if left <= 0:
@@ -251,22 +253,16 @@ class CallPolicy:
                     result = await fn(left)
                 except asyncio.CancelledError:
                     if scope.expired():  # our deadline, not a lost hedge: the service was too slow
-                        self._record_failure(ErrorKind.SLOW)
-                        settled = True
+                        attempt.failed(CloudError(self.service, ErrorKind.SLOW, "deadline reached"))
                     raise
                 except Exception as exc:
                     error = classify(exc, self.service)
-                    self._record_failure(error.kind)
-                    settled = True
+                    attempt.failed(error)
                     if error is exc:
                         raise
                     raise error from exc
-            self._record_answer(self._clock() - started)
-            settled = True
+            self._record_answer(attempt, self._clock() - started)
             return result
-        finally:
-            if probing and not settled:
-                self.breaker.release_probe()
 
     def available(self) -> bool:
         """Worth trying the cloud now? (Online and the breaker not open; claims nothing.)"""
@@ -275,30 +271,27 @@ class CallPolicy:
 
     def record_failure(self, error: CloudError) -> None:
         """Count a failure seen outside `call()`, e.g. a stream that broke after its first chunk."""
-        self._record_failure(error.kind)
+        self.gate.record_failure(error)
 
     def record_slow(self, why: str) -> None:
         """The caller gave up on this service for being slow (it lost its hedge): a breaker
         failure, though the network is fine (the call was still going)."""
+        self._note_slow(why)
+        self.gate.record_failure(CloudError(self.service, ErrorKind.SLOW, why))
+
+    def _note_slow(self, why: str) -> None:
         log.info("%s: slow: %s", self.service, why)
         self.stats["slow"] += 1
-        self.breaker.record_failure(ErrorKind.SLOW)
 
-    def _record_answer(self, seconds: float) -> None:
+    def _record_answer(self, attempt: Attempt, seconds: float) -> None:
         """An answer proves the network; one far slower than usual still fails the service."""
         normal = self.norm.normal_s
-        if self.norm.observe(seconds):
-            self.record_slow(f"answered in {seconds:.2f}s, its recent normal {normal:.2f}s")
+        slow = self.norm.observe(seconds)
+        if slow:
+            self._note_slow(f"answered in {seconds:.2f}s, its recent normal {normal:.2f}s")
         else:
             self.stats["answered"] += 1
-            self.breaker.record_success()
-        if self.connectivity is not None:
-            self.connectivity.record_success()
-
-    def _record_failure(self, kind: ErrorKind) -> None:
-        self.breaker.record_failure(kind)
-        if self.connectivity is not None:
-            self.connectivity.record_failure(kind)
+        attempt.answered(slow=slow)
 
     def _log_retry(self, retry_state: RetryCallState) -> None:
         outcome = retry_state.outcome

@@ -1,10 +1,14 @@
-"""Protocols for speech-to-text, reply and text-to-speech engines."""
+"""Protocols for speech-to-text, reply and text-to-speech engines, local and cloud.
+
+Turn routing is typed on these, never on a vendor's class, so swapping a service
+touches engines/ and app/builders.py only.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol, TypedDict
 
 from heimdall_edge.audio import Audio
 
@@ -36,6 +40,25 @@ class ReplyRequest:
     """Earlier turns of this conversation, oldest first (the cloud reply sees them; the offline one need not)."""
 
 
+class VoiceIdentity(TypedDict):
+    """What makes a text-to-speech engine's audio what it is: the voice cache's key, with the text."""
+
+    engine: str
+    voice: str
+    model: str
+    output_format: str
+    settings: Mapping[str, object]
+    """Whatever else shapes the sound (speed, stability, style...)."""
+
+
+class Voiced(Protocol):
+    """An engine whose clips may be cached: it says what shapes its sound, so nobody else has to know."""
+
+    name: str
+
+    def cache_identity(self) -> VoiceIdentity: ...
+
+
 class SpeechToText(Protocol):
     name: str
 
@@ -54,15 +77,33 @@ class ReplyEngine(Protocol):
         ...
 
 
-class TextToSpeech(Protocol):
-    name: str
-
+class TextToSpeech(Voiced, Protocol):
     async def load(self) -> None: ...
 
     def synthesize(self, text: str) -> AsyncIterator[Audio]:
         """Audio sentence by sentence, each yielded as soon as it is ready."""
         ...
 
-    def cache_identity(self) -> dict[str, Any]:
-        """engine, voice, model, output_format and settings: what makes its audio what it is."""
+
+# Cloud engines make one attempt per call within `timeout_s`: retries, deadlines and the
+# breaker are their CallPolicy's (cloud/policy.py), so the SDKs run with retries off.
+
+
+class CloudSpeechToText(Protocol):
+    name: str
+
+    async def transcribe(self, audio: Audio, timeout_s: float) -> Transcript: ...
+
+
+class CloudReplyEngine(Protocol):
+    name: str
+
+    def reply(self, request: ReplyRequest, timeout_s: float) -> AsyncIterator[str]:
+        """The answer sentence by sentence, as the stream delivers it."""
+        ...
+
+
+class CloudTextToSpeech(Voiced, Protocol):
+    def synthesize(self, text: str, timeout_s: float) -> AsyncIterator[Audio]:
+        """Audio in pieces, each yielded as soon as it arrives."""
         ...

@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING
 
 from heimdall_edge.cloud.breaker import BreakerState
 from heimdall_edge.cloud.errors import RETRYABLE, CloudError, ErrorKind
+from heimdall_edge.cloud.gate import BreakerGate
 from heimdall_edge.settings import SyncSettings
 from heimdall_edge.spool import lease
 from heimdall_edge.spool.errors import CaptureNotFoundError, SpoolError
 from heimdall_edge.spool.keeper import SpoolKeeper
 from heimdall_edge.spool.record import CaptureRecord
 from heimdall_edge.spool.store import Spool
-from heimdall_edge.sync.gate import SERVICE, StoreGate
 from heimdall_edge.sync.iot_credentials import SERVICE as CREDENTIALS_SERVICE
 from heimdall_edge.sync.results import (
     SYNC_OFF,
@@ -128,7 +128,7 @@ class SyncPass:
         if not ready and self._stale_cleanup_done:
             return
         if upload.gate.breaker.state is BreakerState.OPEN:
-            error = CloudError(SERVICE, ErrorKind.BREAKER_OPEN, "circuit breaker open; will retry")
+            error = upload.gate.refusal()
             report.error, report.error_kind = str(error), error.kind
             return
         if not await self._abort_stale_uploads(upload.store, upload.gate, report):
@@ -188,7 +188,7 @@ class SyncPass:
         await asyncio.gather(*(worker() for _ in range(workers)))
 
     async def _abort_stale_uploads(
-        self, store: CaptureStore, gate: StoreGate, report: SyncReport
+        self, store: CaptureStore, gate: BreakerGate, report: SyncReport
     ) -> bool:
         """Abort multipart uploads a crash left behind; False when the store is unreachable
         or the device has no credentials for it (the IoT credentials provider refused).
@@ -219,7 +219,7 @@ class SyncPass:
             else:  # a missing bucket, say: the uploads will report it
                 log.info("cannot clean up interrupted multipart uploads: %s", error)
             return True
-        gate.record_success()
+        gate.record_answer()
         self._stale_cleanup_done = True
         report.reached_store = True
         report.aborted_uploads = aborted

@@ -32,7 +32,7 @@ from heimdall_edge.spool.keeper import SpoolKeeper
 from heimdall_edge.spool.record import CaptureRecord, iso_utc
 from heimdall_edge.spool.store import Spool
 from heimdall_edge.sync.bandwidth import TokenBucket
-from heimdall_edge.sync.gate import SERVICE, StoreGate
+from heimdall_edge.sync.gate import SERVICE, store_gate
 from heimdall_edge.sync.results import (
     SYNC_OFF,
     CaptureResult,
@@ -114,7 +114,7 @@ class Syncer:
             else CaptureUpload(
                 spool,
                 store,
-                StoreGate(self.breaker, connectivity),
+                store_gate(self.breaker, connectivity),
                 self.keeper,
                 self._totals,
                 halt=self._halt,

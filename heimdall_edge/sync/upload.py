@@ -34,13 +34,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from heimdall_edge.cloud.errors import CloudError, ErrorKind
+from heimdall_edge.cloud.gate import BreakerGate
 from heimdall_edge.spool.errors import CaptureNotFoundError, SpoolError
 from heimdall_edge.spool.keeper import SpoolKeeper
 from heimdall_edge.spool.record import RECORD_NAME, CaptureRecord, iso_utc
 from heimdall_edge.spool.store import Spool
 from heimdall_edge.sync.bandwidth import TokenBucket, UploadHalted
 from heimdall_edge.sync.cloudstore import PutResult
-from heimdall_edge.sync.gate import StoreGate
 from heimdall_edge.sync.index_item import index_item
 from heimdall_edge.sync.results import CaptureResult, Outcome, Totals
 
@@ -59,7 +59,7 @@ class CaptureUpload:
 
     spool: Spool
     store: CaptureStore
-    gate: StoreGate
+    gate: BreakerGate
     keeper: SpoolKeeper
     totals: Totals
     _: KW_ONLY
@@ -117,7 +117,7 @@ class CaptureUpload:
                     progress(name, info["bytes"])
                 continue
             try:
-                put = await self.gate.call(
+                put = await self.gate.call_in_thread(
                     self._put_file,
                     key,
                     folder / name,
@@ -146,7 +146,7 @@ class CaptureUpload:
 
         # The record of this revision, so the bucket alone describes the capture.
         manifest = store.manifest_key(current)
-        put = await self.gate.call(
+        put = await self.gate.call_in_thread(
             store.put_bytes, manifest, current.manifest(), metadata=_metadata(current, RECORD_NAME)
         )
         if put is PutResult.WRITTEN:
@@ -158,7 +158,7 @@ class CaptureUpload:
         synced_at = self.wall_clock()
         if _has_index(store):
             item = index_item(current, keys, sizes, synced_at=synced_at)
-            put = await self.gate.call(store.put_index, item)
+            put = await self.gate.call_in_thread(store.put_index, item)
             if put is PutResult.WRITTEN:
                 written += 1
             else:

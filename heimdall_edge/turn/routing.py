@@ -26,17 +26,17 @@ from heimdall_edge.cloud.connectivity import Connectivity
 from heimdall_edge.cloud.errors import CloudError, ErrorKind
 from heimdall_edge.cloud.policy import CallPolicy
 from heimdall_edge.engines.base import (
+    CloudReplyEngine,
+    CloudSpeechToText,
+    CloudTextToSpeech,
     ReplyEngine,
     ReplyRequest,
     SpeechToText,
     TextToSpeech,
     Transcript,
 )
-from heimdall_edge.engines.cloud.cloud_reply import CloudReplyEngine
-from heimdall_edge.engines.cloud.elevenlabs import ElevenLabsEngine
-from heimdall_edge.engines.cloud.openai_whisper import OpenAIWhisperEngine
 from heimdall_edge.streams import aclose, closing
-from heimdall_edge.turn.voice_cache import VoiceCache, VoiceCacheError, cache_key
+from heimdall_edge.turn.voice_cache import VoiceCache, VoiceCacheError, clip_key
 
 log = logging.getLogger(__name__)
 
@@ -182,9 +182,9 @@ class Engines:
         stt: SpeechToText,
         reply: ReplyEngine,
         tts: TextToSpeech,
-        cloud_stt: Cloud[OpenAIWhisperEngine] | None = None,
+        cloud_stt: Cloud[CloudSpeechToText] | None = None,
         cloud_reply: Cloud[CloudReplyEngine] | None = None,
-        cloud_tts: Cloud[ElevenLabsEngine] | None = None,
+        cloud_tts: Cloud[CloudTextToSpeech] | None = None,
         hedge_after_s: dict[str, float] | None = None,
         cache: VoiceCache | None = None,
     ) -> None:
@@ -286,11 +286,10 @@ class Engines:
         state: the voice changes only when it must (a sentence it never spoke, while it is away).
         """
         cloud = self.cloud_tts
-        if (
-            cloud is not None
-            and (hit := await self._cached(cloud.engine.name, self._cloud_key(text))) is not None
-        ):
-            return hit
+        if cloud is not None:
+            hit = await self._cached(cloud.engine.name, clip_key(cloud.engine, text))
+            if hit is not None:
+                return hit
 
         async def from_cloud() -> Answer[Audio]:
             return await self._synthesize_in_cloud(text)
@@ -298,7 +297,7 @@ class Engines:
         async def from_local() -> Answer[Audio]:
             if self.cache is None:
                 return await first_of(self.tts.name, self.tts.synthesize(text))
-            key = self._local_key(text)
+            key = clip_key(self.tts, text)
             if (hit := await self._cached(self.tts.name, key)) is not None:
                 return hit
             answer = await first_of(self.tts.name, self.tts.synthesize(text))
@@ -314,7 +313,7 @@ class Engines:
             return 0
         rendered = 0
         for phrase in phrases:
-            key = self._local_key(phrase)
+            key = clip_key(self.tts, phrase)
             if await asyncio.to_thread(self.cache.__contains__, key):
                 continue
             chunks = [chunk async for chunk in self.tts.synthesize(phrase)]
@@ -325,7 +324,8 @@ class Engines:
         """Whether the voice cache holds `text` in the cloud voice (never with no cloud voice or cache)."""
         if self.cloud_tts is None or self.cache is None:
             return False
-        return await asyncio.to_thread(self.cache.__contains__, self._cloud_key(text))
+        key = clip_key(self.cloud_tts.engine, text)
+        return await asyncio.to_thread(self.cache.__contains__, key)
 
     async def render_in_cloud_voice(self, text: str) -> bool:
         """Synthesize `text` in the cloud voice into the voice cache, under the service's policy.
@@ -346,24 +346,11 @@ class Engines:
             lambda timeout: first_of(cloud.engine.name, cloud.engine.synthesize(text, timeout))
         )
         answer.rest = _survive(
-            "speak", self._keep(self._cloud_key(text), answer.first, answer.rest), cloud.policy
+            "speak",
+            self._keep(clip_key(cloud.engine, text), answer.first, answer.rest),
+            cloud.policy,
         )
         return answer
-
-    def _cloud_key(self, text: str) -> str:
-        assert self.cloud_tts is not None
-        engine = self.cloud_tts.engine
-        return cache_key(
-            engine=engine.name,
-            voice=engine.voice,
-            model=engine.model,
-            output_format=engine.output_format,
-            settings={},
-            text=text,
-        )
-
-    def _local_key(self, text: str) -> str:
-        return cache_key(text=text, **self.tts.cache_identity())
 
     async def _cached(self, engine: str, key: str) -> Answer[Audio] | None:
         if self.cache is None:

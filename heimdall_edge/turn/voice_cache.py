@@ -11,7 +11,7 @@ Layout under the root, e.g. <state_dir>/voice-cache (folders 0700, files 0600):
     clips/.tmp-<random>  a put in flight; removed when the cache is next opened
     cache.lock           flock: the first process to open the cache repairs it
 
-The key (`cache_key`) is a SHA-256 over everything that shapes the sound. Neither
+The key (`clip_key`, from the engine's `cache_identity()`) is a SHA-256 over everything that shapes the sound. Neither
 the text nor any credential is stored: a clip is found only by asking for it again.
 
 A put writes a temp file, fsyncs it, renames it to its key, fsyncs the folder, and
@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import Self
 
 from heimdall_edge.audio import SAMPLE_WIDTH, Audio, wav_bytes
+from heimdall_edge.engines.base import Voiced
 from heimdall_edge.spool import durable
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,11 @@ def normalize_text(text: str) -> str:
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
     return " ".join(unicodedata.normalize("NFKC", text).split())
+
+
+def clip_key(voice: Voiced, text: str) -> str:
+    """The key of `text` in `voice`: what shapes its sound is the engine's to say."""
+    return cache_key(text=text, **voice.cache_identity())
 
 
 def cache_key(

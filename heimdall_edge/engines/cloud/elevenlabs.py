@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from heimdall_edge.audio import SAMPLE_WIDTH, Audio
+from heimdall_edge.engines.base import VoiceIdentity
 from heimdall_edge.streams import closing
 
 if TYPE_CHECKING:
@@ -26,6 +27,15 @@ class ElevenLabsEngine:
         self.model = model
         self.output_format = output_format
         self.sample_rate = int(output_format.removeprefix("pcm_"))
+
+    def cache_identity(self) -> VoiceIdentity:
+        return VoiceIdentity(
+            engine=self.name,
+            voice=self.voice,
+            model=self.model,
+            output_format=self.output_format,
+            settings={},
+        )
 
     async def synthesize(self, text: str, timeout_s: float) -> AsyncIterator[Audio]:
         """One streamed request; yields whole samples in ~100 ms pieces."""

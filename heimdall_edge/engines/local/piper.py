@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from heimdall_edge.audio import Audio
-from heimdall_edge.engines.base import EngineError
+from heimdall_edge.engines.base import EngineError, VoiceIdentity
 from heimdall_edge.engines.local.models import piper_voice_files
 from heimdall_edge.settings import TextToSpeechSettings
 
@@ -29,14 +29,14 @@ class PiperEngine:
     def sample_rate(self) -> int | None:
         return self._voice.config.sample_rate if self._voice else None
 
-    def cache_identity(self) -> dict[str, Any]:
-        return {
-            "engine": self.name,
-            "voice": self._settings.voice,
-            "model": "piper",
-            "output_format": "pcm",
-            "settings": {"length_scale": self._settings.length_scale},
-        }
+    def cache_identity(self) -> VoiceIdentity:
+        return VoiceIdentity(
+            engine=self.name,
+            voice=self._settings.voice,
+            model="piper",
+            output_format="pcm",
+            settings={"length_scale": self._settings.length_scale},
+        )
 
     async def load(self) -> None:
         async with self._lock:

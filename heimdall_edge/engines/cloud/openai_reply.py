@@ -21,7 +21,7 @@ SYSTEM_PROMPT = (
 )
 
 
-class CloudReplyEngine:
+class OpenAIReplyEngine:
     name = "openai"
 
     def __init__(self, client: AsyncOpenAI, *, model: str, max_tokens: int) -> None:
