@@ -52,12 +52,9 @@ import asyncio
 import collections
 import contextlib
 import gc
-import itertools
-import json
 import logging
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -68,6 +65,8 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+
+from bench.soak_children import Child
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -133,95 +132,6 @@ MOTO_ENV = {
     "HEIMDALL_SYNC__INTERVAL_S": "5",
     "HEIMDALL_SYNC__RETRY_MAX_S": "2",
 }
-
-
-# ---- the children: fake cloud and moto, each in its own process -------------------------------
-def _child_fakecloud() -> None:
-    """The fake cloud; reads one JSON command per line ({"faults": ..., "refuse": ...}), answers ok."""
-    from heimdall_edge.testing.fakecloud.cloud import FakeCloud
-    from heimdall_edge.testing.fakecloud.wire import Fault
-
-    asked = itertools.cycle(["what time is it", "what can you see", "what's the date today"])
-    answer = itertools.count()
-    cloud = FakeCloud(
-        transcript=lambda _record: next(asked),
-        reply=lambda _request: f"This is cloud answer {next(answer)}. Anything else?",
-    ).start()
-    print(json.dumps(cloud.env()), flush=True)
-    for line in sys.stdin:
-        command = json.loads(line)
-        cloud.reset()  # forget recorded requests and faults
-        if command.get("refuse"):
-            cloud.refuse_connections()
-        else:
-            cloud.accept_connections()
-        for route, fault in command.get("faults", {}).items():
-            cloud.fault(route, Fault(**fault))
-        print("ok", flush=True)
-    cloud.stop()
-
-
-def _child_moto() -> None:
-    """moto's S3 and DynamoDB with a bucket and a table; runs until stdin closes."""
-    from heimdall_edge.testing.moto import MotoServer, aws_test_env
-
-    os.environ.update(aws_test_env())
-    server = MotoServer()
-    server.start()
-    server.create_bucket("heimdall-soak")
-    server.create_table("heimdall-soak")
-    print(
-        json.dumps(
-            {
-                **aws_test_env(),
-                "HEIMDALL_S3_BUCKET": "heimdall-soak",
-                "HEIMDALL_DYNAMODB_TABLE": "heimdall-soak",
-                "HEIMDALL_S3_ENDPOINT_URL": server.url,
-                "HEIMDALL_DYNAMODB_ENDPOINT_URL": server.url,
-            }
-        ),
-        flush=True,
-    )
-    sys.stdin.read()
-    server.stop()
-
-
-class Child:
-    """`python -m bench.soak --child KIND` with a line protocol on stdin/stdout."""
-
-    def __init__(self, kind: str) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "bench.soak", "--child", kind],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            cwd=REPO,
-        )
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline()
-        if not line:
-            self.close()
-            raise RuntimeError(f"the {kind} child process did not start")
-        self.env: dict[str, str] = json.loads(line)
-
-    def send(self, command: dict[str, Any]) -> None:
-        assert self.process.stdin is not None and self.process.stdout is not None
-        self.process.stdin.write(json.dumps(command) + "\n")
-        self.process.stdin.flush()
-        if self.process.stdout.readline().strip() != "ok":
-            raise RuntimeError("the fake cloud child did not acknowledge a command")
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            if self.process.stdin is not None:
-                self.process.stdin.close()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        if self.process.stdout is not None:
-            self.process.stdout.close()
 
 
 # ---- measuring ----------------------------------------------------------------------------------
@@ -576,111 +486,6 @@ def _type_counts() -> collections.Counter[str]:
     )
 
 
-# ---- reporting ----------------------------------------------------------------------------------
-def mib(value: float) -> str:
-    return f"{value / 2**20:.1f}"
-
-
-def report(result: SoakResult) -> str:
-    lines = [
-        (
-            f"turns: {result.turns} in {result.seconds:.0f} s ({result.seconds / result.turns * 1000:.0f} ms/turn), "
-            f"store: {result.store}; warm-up: first {result.warmup_turns} turns; "
-            f"windows: {result.window_turns} turns (fault cycle: {CYCLE_TURNS} turns)"
-        ),
-        "engines: "
-        + "; ".join(
-            f"{stage} " + ", ".join(f"{name} {n}" for name, n in counter.most_common())
-            for stage, counter in result.engines.items()
-        ),
-        "fault phases (turns, mean ms per turn): "
-        + ", ".join(
-            f"{name} {n} ({result.phase_seconds[name] / n * 1000:.0f})"
-            for name, n in result.phases.items()
-        ),
-        "mean stage timings (ms): "
-        + ", ".join(f"{k} {v / result.turns:.0f}" for k, v in result.stage_ms.items()),
-        f"turns with no speech heard: {result.no_speech}; turns with a failed stage: "
-        + (", ".join(f"{k} {v}" for k, v in result.errors.items()) or "0"),
-        (
-            f"spool: {result.spool_counts}, {mib(result.spool_bytes)} MiB on disk; "
-            f"voice cache: {mib(result.cache_bytes)} MiB on disk (clips and index); "
-            f"sync: {result.sync.get('message')} totals {result.sync.get('totals')}"
-        ),
-        "SQLite files: "
-        + ", ".join(f"{name} {size / 1024:.0f} KiB" for name, size in result.index_bytes.items()),
-        "appliance log records: "
-        + ", ".join(f"{k} {v}" for k, v in sorted(result.log_counts.items())),
-        "",
-        "| metric | after start() | warm-up (median) | final (median) | max | growth after warm-up |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for metric, fmt in (
-        ("rss", lambda v: f"{mib(v)} MiB"),
-        ("fds", lambda v: f"{v:.0f}"),
-        ("threads", lambda v: f"{v:.0f}"),
-        ("tasks", lambda v: f"{v:.0f}"),
-        ("objects", lambda v: f"{v:.0f}"),
-    ):
-        g = result.growth(metric)
-        lines.append(
-            f"| {metric} | {fmt(g.start)} | {fmt(g.warm)} | {fmt(g.final)} | {fmt(g.peak)} | {g.percent:+.2f} % |"
-        )
-    lines += [
-        "",
-        "| turn | elapsed s | RSS MiB | open fds | threads | asyncio tasks | gc objects |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    marks = {0, result.warmup_turns, result.turns} | set(range(100, result.turns, 100))
-    for s in result.samples:
-        if s.turn in marks:
-            lines.append(
-                f"| {s.turn} | {s.elapsed_s:.0f} | {mib(s.rss)} | {s.fds} | {s.threads} | {s.tasks} | {s.objects} |"
-            )
-    if result.type_growth:
-        lines += [
-            "",
-            "gc objects that grew most after the warm-up:",
-            "| type | after warm-up | growth |",
-            "|---|---:|---:|",
-        ] + [f"| {name} | {before} | +{n} |" for name, before, n in result.type_growth]
-    if result.traced:
-        warm = [b for t, b in result.traced if result.warmup_turns < t]
-        lines += [
-            "",
-            (
-                f"tracemalloc: {mib(result.traced[0][1])} MiB traced after start(), "
-                f"{mib(warm[0])} after the warm-up, {mib(result.traced[-1][1])} at the end; "
-                "the lines whose live allocations grew most after the warm-up:"
-            ),
-        ] + [f"  {line}" for line in result.traced_growth]
-    if result.log_errors:
-        lines += ["", "last appliance errors logged:"] + [f"  {e}" for e in result.log_errors]
-    return "\n".join(lines)
-
-
-def plot(result: SoakResult, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    turns = [s.turn for s in result.samples]
-    fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(9, 6))
-    top.plot(turns, [s.rss / 2**20 for s in result.samples], label="RSS")
-    top.set_ylabel("RSS (MiB)")
-    bottom.plot(turns, [s.fds for s in result.samples], label="open fds", color="tab:orange")
-    bottom.set_ylabel("open file descriptors")
-    bottom.set_xlabel("turn")
-    for axis in (top, bottom):
-        axis.axvline(result.warmup_turns, color="grey", linestyle="--", linewidth=1)
-        axis.grid(alpha=0.3)
-    top.set_title(f"heimdall-edge soak: {result.turns} turns (warm-up dashed)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--interactions", type=int, default=500, help="turns to run (default 500)")
@@ -703,20 +508,14 @@ def main() -> None:
         action="store_true",
         help="run under tracemalloc (slow) and list the source lines whose allocations grew",
     )
-    parser.add_argument("--child", choices=["fakecloud", "moto"], help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child == "fakecloud":
-        _child_fakecloud()
-        return
-    if args.child == "moto":
-        _child_moto()
-        return
     try:
         warmup_and_window(args.interactions)
     except ValueError as exc:
         parser.error(str(exc))
 
     from bench.latency import machine
+    from bench.soak_report import plot, report
 
     with tempfile.TemporaryDirectory(prefix="heimdall-soak-") as tmp:
         result = asyncio.run(

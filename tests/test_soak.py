@@ -25,6 +25,7 @@ import pytest
 import pytest_asyncio
 
 from bench import soak  # bench/soak.py: the long form of this test
+from bench.soak_report import report
 
 TURNS = 6 * soak.CYCLE_TURNS  # 84 (under a minute): a warm-up of 2 cycles, then 4 more
 OBJECTS_LIMIT = 0.01  # the noise is about 0.1 %: a leak of some 30 objects a turn shows
@@ -47,7 +48,7 @@ async def result(
         ),
         timeout=240,
     )
-    print("\n" + soak.report(outcome))  # shown with -s, or in the report when a test fails
+    print("\n" + report(outcome))  # shown with -s, or in the report when a test fails
     return outcome
 
 
