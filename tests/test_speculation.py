@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ from heimdall_edge.capture import Capture
 from heimdall_edge.cloud.breaker import BreakerState
 from heimdall_edge.devices.base import Playback
 from heimdall_edge.engines.base import ReplyRequest, Transcript
+from heimdall_edge.engines.local.offline_reply import OfflineReplyEngine
 from heimdall_edge.listen.endpointer import Endpointer, EndReason, Utterance
 from heimdall_edge.settings import ListeningSettings, Settings, load_settings
 from heimdall_edge.spool.record import CaptureRecord
@@ -35,6 +37,8 @@ from heimdall_edge.turn.interaction import Interaction, answerable
 from heimdall_edge.turn.routing import Engines
 from heimdall_edge.turn.speculation import Speculation
 from tests.shared import streams_left_to_the_gc, until
+
+NOON = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
 
 CLOUD_TEXT = "what is on the shopping list"
 CLOUD_REPLY = "Milk and bread. Anything else?"
@@ -97,6 +101,7 @@ async def test_the_same_transcript_with_and_without_a_head_start(
         settings = load_settings()
         engines = builders.build_engines(settings)
         engines.stt, engines.tts = whisper, piper
+        engines.reply_engine = OfflineReplyEngine(now=lambda: NOON)  # both turns, one minute
         [turns[after_ms]] = await serve(settings, engines, said)
     plain, speculative = turns[0], turns[250]
     assert not plain.speculative and speculative.speculative
