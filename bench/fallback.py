@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from bench.latency import SPEECH, machine
+from bench.machine import nbody_us_per_step
 
 LATENCY_S = {"transcriptions": 0.30, "chat": 0.20, "tts": 0.15}
 HEDGE_MS = 300
@@ -290,7 +291,13 @@ def _short(engines: dict[str, str]) -> str:
     return "/".join(engines.get(stage, "-") for stage in ("stt", "reply", "tts"))
 
 
+def speed() -> str:
+    """The machine's CPU speed now: a host that slows down makes every CPU-bound figure move."""
+    return f"pure-Python n-body {nbody_us_per_step(30_000):.2f} us/step (one core)"
+
+
 async def main(limit: int | None) -> None:
+    print(f"CPU probe at the start: {speed()}", flush=True)
     measured = await measure(limit)
     results, hits = measured["results"], measured["cache_hits_ms"]
     baseline = statistics.median(results["local only (baseline)"])
@@ -316,6 +323,7 @@ async def main(limit: int | None) -> None:
         f"(min {min(hits):.2f}, max {max(hits):.2f}, {len(hits)} runs)"
     )
     print_turns(await measure_turns(limit))
+    print(f"\nCPU probe at the end: {speed()}")
 
 
 if __name__ == "__main__":
