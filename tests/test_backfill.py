@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -71,6 +72,25 @@ async def test_it_waits_for_the_live_turn_then_transcribes_and_records(
         assert (record.revision, record.sync_state) == (2, "pending")
         assert spool.get(live.capture_id).transcript is None
         assert cut_short(spool) == []  # once only
+
+
+async def test_a_capture_evicted_while_it_is_transcribed_is_let_go_quietly(
+    tmp_path: Path, speech_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The quota (this process's keeper or another syncer's) removes it under the backfill."""
+    caplog.set_level(logging.INFO, logger="heimdall_edge.turn.backfill")
+    root = tmp_path / "spool"
+    dead = left_by_a_dead_process(root, speech_dir / "sr_english.wav")
+    with Spool(root) as spool:
+
+        async def transcribe(_audio: Audio) -> Transcript:
+            spool.delete(dead)
+            return Transcript(text="One, two, three.", engine="faster-whisper")
+
+        backfill = Backfill(spool, transcribe, idle=lambda: True)
+        await asyncio.wait_for(backfill.run(asyncio.Event()), 30)
+        assert backfill.done == 0 and cut_short(spool) == []
+    assert "Traceback" not in caplog.text and "removed while it was transcribed" in caplog.text
 
 
 async def test_a_stock_phrase_from_cloud_whisper_is_recorded_as_no_speech(

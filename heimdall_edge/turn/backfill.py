@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from heimdall_edge.audio import Audio, AudioError, read_audio
 from heimdall_edge.engines.base import Transcript
 from heimdall_edge.spool import lease
-from heimdall_edge.spool.errors import SpoolError
+from heimdall_edge.spool.errors import CaptureNotFoundError, SpoolError
 from heimdall_edge.spool.record import AUDIO_NAME, CaptureRecord
 from heimdall_edge.spool.store import Spool
 
@@ -86,15 +86,19 @@ class Backfill:
             )
             return
         transcript = await self._transcribe(audio)
-        await asyncio.to_thread(
-            self._spool.update,
-            record.capture_id,
-            transcript=transcript.text,
-            engines={**record.engines, "stt": transcript.engine},
-            status="failed",
-            error=CUT_SHORT,
-            lease=None,
-        )
+        try:
+            await asyncio.to_thread(
+                self._spool.update,
+                record.capture_id,
+                transcript=transcript.text,
+                engines={**record.engines, "stt": transcript.engine},
+                status="failed",
+                error=CUT_SHORT,
+                lease=None,
+            )
+        except CaptureNotFoundError:  # evicted for the quota (by any process) meanwhile
+            log.info("capture %s cut short was removed while it was transcribed", record.capture_id)
+            return
         self.done += 1
         log.info("capture %s cut short, transcribed: %r", record.capture_id, transcript.text)
         if self._on_recorded is not None:
