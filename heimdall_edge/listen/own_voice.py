@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from heimdall_edge.audio import FRAME_BYTES, FRAME_MS, SAMPLE_RATE, Audio, frames, silence
+from heimdall_edge.audio import FRAME_BYTES, SAMPLE_RATE, Audio, frames, silence
 from heimdall_edge.listen.wakeword import WakeWord
 
 PRIMING_MS = 500
@@ -65,8 +65,9 @@ class OwnVoiceGuard:
         if self._pending:  # the last partial frame went out, then nothing
             self._feed(self._pending.ljust(FRAME_BYTES, b"\0"))
             self._pending = b""
-        for frame in frames(silence(max(0, mic_frame - self._cursor) * FRAME_MS)):
-            self._feed(frame)
+        quiet = bytes(FRAME_BYTES)
+        while self._cursor < mic_frame:
+            self._feed(quiet)
 
     def played(self, chunk: Audio, mic_frame: int) -> None:
         """`chunk` is going to the speaker now (the microphone has reached `mic_frame`)."""
