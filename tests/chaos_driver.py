@@ -92,6 +92,7 @@ from tests.chaos_spool import (
     EvictionLog,
     SpoolWatcher,
     concurrent_pairs,
+    cut_during,
     group_events,
     measure_events,
     over_evicted,
@@ -291,6 +292,8 @@ class ChaosReport:
     events: list[EvictionEvent] = field(default_factory=list)
     over_evictions: list[str] = field(default_factory=list)
     ballast_grown: int = 0
+    ballast_cuts: list[tuple[float, int]] = field(default_factory=list)
+    """(time.monotonic(), bytes) of each time the ballast was cut back."""
 
     # -- figures -------------------------------------------------------------------------------
 
@@ -728,6 +731,7 @@ class Chaos:
             size = path.stat().st_size
             if size >= limit:
                 os.truncate(path, floor)
+                self.report.ballast_cuts.append((time.monotonic(), size - floor))
                 continue
             grow = min(int(config.ballast_growth_kb_s * 1024 * pause), limit - size)
             with path.open("ab") as f:
@@ -1410,6 +1414,8 @@ class Chaos:
         everyone += [report.drain_run] if report.drain_run else []
         logs = [p.eviction_log for p in everyone if p.eviction_log is not None]
         exact = [event for log in logs for event in log.exact_events()]
+        for event in exact:
+            event.freed_by_others = cut_during(event, report.ballast_cuts)
         strays = [e for log in logs for e in log.strays()]
         estimated = group_events(strays)
         measure_events(estimated, self.watcher, int(self.config.quota_mb * MiB))

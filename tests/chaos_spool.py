@@ -148,6 +148,12 @@ class EvictionEvent:
     closed: bool = False
     """A "made room" line ended it (False: it did not fit, or a SIGKILL cut it)."""
     logged_freed: int | None = None
+    opened_at: float | None = None
+    closed_at: float | None = None
+    """When the driver read its "making room" and "made room" lines (exact events)."""
+    freed_by_others: int = 0
+    """Bytes the driver itself removed from the spool's folder while it ran (the ballast cut
+    back): they show in usage_after, but no eviction freed them."""
 
     @property
     def start(self) -> float:
@@ -172,7 +178,8 @@ class EvictionEvent:
         """
         if self.usage_after is None or not self.evictions or (self.exact and not self.closed):
             return None
-        return self.quota - self.usage_after - self.need - self.evictions[-1].freed
+        usage_after = self.usage_after + self.freed_by_others
+        return self.quota - usage_after - self.need - self.evictions[-1].freed
 
 
 class EvictionLog:
@@ -188,8 +195,9 @@ class EvictionLog:
         if match := MAKING_ROOM_LINE.search(line):
             used, need, quota = map(int, match.groups())
             self._open = EvictionEvent(
-                self.process, [], usage_before=used, need=need, quota=quota, exact=True
-            )
+                self.process, [], usage_before=used, need=need, quota=quota, exact=True,
+                opened_at=at,
+            )  # fmt: skip
             self.events.append(self._open)
         elif eviction := parse_eviction(self.process, at, line):
             self.evictions.append(eviction)
@@ -198,7 +206,7 @@ class EvictionLog:
         elif (match := MADE_ROOM_LINE.search(line)) and self._open is not None:
             _count, freed, _need, used = map(int, match.groups())
             self._open.usage_after, self._open.logged_freed = used, freed
-            self._open.closed = True
+            self._open.closed, self._open.closed_at = True, at
             self._open = None
         elif NO_ROOM_LINE.search(line) and self._open is not None:
             self._open = None
@@ -429,6 +437,22 @@ def measure_events(
                 if event.start - 0.1 <= s.first_seen <= event.end + 0.5 and s.need is not None
             ]
             event.need = max((s.need or 0) for s in kept) if kept else 0
+
+
+READ_LAG_S = 0.2
+"""How much later than a process wrote a line the driver may read it."""
+
+
+def cut_during(event: EvictionEvent, cuts: list[tuple[float, int]]) -> int:
+    """Bytes cut from the ballast between an exact event's two measurements of the spool.
+
+    The times are when the driver read the lines, a little after they were written, so a
+    cut up to READ_LAG_S before the first line counts too: at worst an event is let off
+    by one cut it did not see.
+    """
+    if event.opened_at is None or event.closed_at is None:
+        return 0
+    return sum(n for at, n in cuts if event.opened_at - READ_LAG_S <= at <= event.closed_at)
 
 
 def over_evicted(events: list[EvictionEvent]) -> list[str]:

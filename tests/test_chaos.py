@@ -52,6 +52,7 @@ import pytest
 
 from tests.chaos_clock import probe_steps
 from tests.chaos_driver import Chaos, ChaosConfig, ChaosReport
+from tests.chaos_spool import EvictionLog, cut_during, over_evicted
 
 INTERACTIONS = 40
 MINUTES = 0.75  # no new service process after this, so the test stays well under 90 s
@@ -192,3 +193,24 @@ async def test_chaos_two_syncers_under_a_quota_and_kills_between_revisions(
         revision_kills=True,
     )
     assert all(e.exact for e in report.events if e.evictions), report.summary()
+
+
+def test_an_eviction_is_not_blamed_for_the_ballast_cut_while_it_ran() -> None:
+    # The lines of the eviction seen in a run: the ballast was cut back by 0.8 MB between
+    # the keeper's two measurements, so "used now" fell by more than the capture it evicted.
+    log = EvictionLog("service #4")
+    log.scan(10.0, "making room: 10422960 bytes used + 195827 needed > 10485760 quota: evicting")
+    log.scan(
+        10.1,
+        "evicted synced capture 20261207T221000123Z-0a1b2c3d (236611 bytes, created "
+        "2026-12-07T22:10:00Z) to stay within 10485760; it is in S3",
+    )
+    log.scan(10.2, "made room: evicted 1 captures (236611 bytes) for 195827 needed: "
+             "9368568 bytes used now")  # fmt: skip
+    [event] = log.exact_events()
+    assert over_evicted([event])  # taken alone, 0.8 MB more than it needed went
+    cut = [(10.05, 838860)]
+    event.freed_by_others = cut_during(event, cut)
+    assert event.freed_by_others == 838860 and not over_evicted([event])
+    event.freed_by_others = cut_during(event, [(11.0, 838860)])  # a cut after it: no excuse
+    assert over_evicted([event])
