@@ -107,6 +107,7 @@ async def run_until_exercised(
         missing = gaps(report)
         if not missing:
             return report
+        print(f"seed {SEED + attempt}: not exercised: {', '.join(missing)}")
     pytest.fail(f"not exercised in {EXERCISE_RUNS} runs: {', '.join(missing)}\n{summary}")
 
 
