@@ -66,12 +66,8 @@ from typing import Any
 
 import psutil
 
+from bench.latency import MODELS, SPEECH
 from bench.soak_children import Child
-
-REPO = Path(__file__).resolve().parents[1]
-
-SPEECH = Path(os.environ.get("HEIMDALL_SPEECH_DIR", REPO.parent / "shared" / "speech"))
-MODELS = Path(os.environ.get("HEIMDALL_MODELS_DIR", REPO.parent / "shared" / "models"))
 
 PHASE_TURNS = 2
 """Turns per fault phase: the first opens breakers / goes offline, the second runs with them open."""

@@ -20,9 +20,8 @@ import time
 import jiwer
 import numpy as np
 
-from bench.latency import SPEECH, machine
+from bench.latency import MODELS, SPEECH, machine
 from bench.machine import nbody_us_per_step
-from bench.soak import MODELS
 from heimdall_edge.testing.text import words
 
 PADDINGS_S = (0.5, 1.0, 2.0, 5.0)
