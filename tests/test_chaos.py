@@ -32,8 +32,9 @@ unsynced with evict_unsynced off, every evicted capture in the store at its last
 no eviction freeing more than its need plus one capture), and assert that the run really
 did what it claims: a step during a turn, the store refusing for the clock, both
 processes evicting, kills that cut a turn and a revision newer than the store's. A short
-run is timing-dependent (a kill aimed at a window of a few ms), so a run that passed every
-check but missed an exercise is followed by one with the next seed, at most three.
+run is timing-dependent (a kill aimed at a window of a few ms; how many batches, so how
+many kills, fit in the time), so in all three tests a run that passed every check but
+missed an exercise is followed by one with the next seed, at most three.
 
 On failure the message carries the whole summary (interactions, kills, captures,
 fault timeline). `HEIMDALL_CHAOS_SEED=N` replays another schedule; each process's
@@ -93,6 +94,7 @@ async def run_until_exercised(
     speech_dir: Path,
     models_dir: Path,
     gaps: Callable[[ChaosReport], list[str]],
+    minutes: float = EXTENDED_MINUTES,
     **mode: Any,
 ) -> ChaosReport:
     """Seeded runs (every check must pass in each) until one exercised everything `gaps`
@@ -101,7 +103,7 @@ async def run_until_exercised(
     missing: list[str] = []
     for attempt in range(EXERCISE_RUNS):
         report, summary = await run_chaos(
-            tmp_path / f"run-{attempt}", speech_dir, models_dir, EXTENDED_MINUTES,
+            tmp_path / f"run-{attempt}", speech_dir, models_dir, minutes,
             seed=SEED + attempt, **mode,
         )  # fmt: skip
         missing = gaps(report)
@@ -111,17 +113,26 @@ async def run_until_exercised(
     pytest.fail(f"not exercised in {EXERCISE_RUNS} runs: {', '.join(missing)}\n{summary}")
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(600)
 async def test_chaos_no_capture_lost_every_turn_answered_every_capture_synced_once(
     tmp_path: Path, speech_dir: Path, models_dir: Path
 ) -> None:
-    report, summary = await run_chaos(tmp_path, speech_dir, models_dir, MINUTES)
-    # The run must have exercised what it claims to.
-    assert report.kills >= 2, summary
-    assert report.store_outages >= 1, summary
-    assert len(report.cloud_phases) >= 4, summary
-    assert report.synced_by_service > 0, "the service never synced while running\n" + summary
-    assert any(b.finished for b in report.batches), "no batch ran to the end\n" + summary
+    def gaps(report: ChaosReport) -> list[str]:
+        # How many batches fit in the time (and so how many kills) depends on the machine's
+        # speed: 4 batches and 1 kill were seen on a slow host.
+        return [
+            gap
+            for gap, met in (
+                ("two SIGKILLs", report.kills >= 2),
+                ("a store outage", report.store_outages >= 1),
+                ("four cloud phases", len(report.cloud_phases) >= 4),
+                ("the service syncing while running", report.synced_by_service > 0),
+                ("a batch run to the end", any(b.finished for b in report.batches)),
+            )
+            if not met
+        ]
+
+    await run_until_exercised(tmp_path, speech_dir, models_dir, gaps, minutes=MINUTES)
 
 
 def test_libfaketime_steps_the_wall_clock_and_not_the_monotonic_one(tmp_path: Path) -> None:
