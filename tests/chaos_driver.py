@@ -784,10 +784,15 @@ class Chaos:
         """Batch after batch until `interactions` captures were kept (or the time is up)."""
         config = self.config
         kept = given = index = 0
+        overtime = False
         while kept < config.interactions and given < 3 * config.interactions:
             if config.minutes is not None and time.monotonic() - started > config.minutes * 60:
-                self._log(f"time is up after {kept} interactions")
-                break
+                if overtime or not (config.revision_kills and self.watcher.cut_short_waiting()):
+                    self._log(f"time is up after {kept} interactions")
+                    break
+                # A turn cut short by the last kill waits for a service's backfill: one more
+                # batch, so the revision it adds (and a kill behind it) is part of the run.
+                overtime = True
             size = min(self.rng.randint(*config.batch_size), config.interactions - kept)
             inputs = [str(p) for p in self.rng.choices(self.recordings, k=size)]
             plan = self._plan(size)
@@ -813,10 +818,12 @@ class Chaos:
         config, rng = self.config, self.rng
         if config.revision_kills and len(self.report.batches) >= 2 and not self._cut_a_turn():
             # Until one kill has cut a turn (kept, outcome not recorded), every batch from the
-            # third on aims at its last turn: left to the draws, short runs often missed it
-            # (three in a row, once in 14 tests here). The batch's other turns still fill the
-            # spool towards its quota, which both processes must reach.
-            return ("kept", size - 1, rng.uniform(0.0, 0.15))
+            # third on aims at the first turn of its second half seen kept and not answered,
+            # and kills at once: left to the draws, short runs often missed it, and aimed at
+            # the last turn alone a fast turn (a healthy cloud) or one refused at the quota
+            # missed it too. The first half still fills the spool towards its quota, which
+            # both processes must reach.
+            return ("kept", size // 2, 0.0)
         if config.revision_kills and self.watcher.cut_short_waiting() and rng.random() < 0.8:
             # Between revisions: right after the backfill recorded a capture cut short earlier
             # (its first revision synced, or about to be; the new one not yet).
