@@ -17,8 +17,12 @@ models: setup
 demo: models
 	$(VENV)/bin/heimdall-edge demo $(DEMO_ARGS)
 
+# Tests in parallel, one worker per core, then the time-boxed chaos runs (marked serial)
+# alone. Exit code 5 is pytest's "no test selected": PYTEST_ARGS picked none of a part.
+TEST_WORKERS ?= auto
 test: setup
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -n $(TEST_WORKERS) -m "not serial" $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	$(VENV)/bin/pytest -m serial $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 bench: models
 	$(VENV)/bin/python -m bench.latency

@@ -55,6 +55,8 @@ from tests.chaos_clock import probe_steps
 from tests.chaos_driver import Chaos, ChaosConfig, ChaosReport
 from tests.chaos_spool import EvictionLog, cut_during, over_evicted
 
+pytestmark = pytest.mark.serial  # alone, after the rest: see `make test`
+
 INTERACTIONS = 40
 MINUTES = 0.75  # no new service process after this, so the test stays well under 90 s
 EXTENDED_MINUTES = 0.6  # each extended mode: about 45 s in all
