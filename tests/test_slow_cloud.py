@@ -47,12 +47,18 @@ def cloud(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeCloud]:
         for name, value in fake.env().items():
             monkeypatch.setenv(name, value)
         for stage in ("STT", "REPLY", "TTS"):
-            monkeypatch.setenv(f"HEIMDALL_RESILIENCE__{stage}_HEDGE_AFTER_MS", "300")
+            # Long enough that a healthy cloud on a loaded machine answers before the local
+            # engine starts: once the cloud is fast again, the probe must win its race.
+            monkeypatch.setenv(f"HEIMDALL_RESILIENCE__{stage}_HEDGE_AFTER_MS", "1500")
             monkeypatch.setenv(f"HEIMDALL_RESILIENCE__{stage}_DEADLINE_S", "20")
         monkeypatch.setenv("HEIMDALL_RESILIENCE__RESET_S", "30")
         monkeypatch.setenv("HEIMDALL_LISTENING__MODE", "voice")
         monkeypatch.setenv("HEIMDALL_LISTENING__WAKE_WORD", "")  # any speech starts a turn
         monkeypatch.setenv("HEIMDALL_ENGINES__PRELOAD", "false")
+        # No head start at a pause: whether a dropped speculation's request reaches the server
+        # before it is cancelled depends on the machine's load (tests/test_speculation.py
+        # counts those); here every request is a whole turn's.
+        monkeypatch.setenv("HEIMDALL_LISTENING__SPECULATE_AFTER_MS", "0")
         # No voice cache, so no phrase rendered in the cloud voice in the background: every
         # request the fake counts is a turn's.
         monkeypatch.setenv("HEIMDALL_VOICE_CACHE__MAX_MB", "0")
