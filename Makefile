@@ -17,12 +17,13 @@ models: setup
 demo: models
 	$(VENV)/bin/heimdall-edge demo $(DEMO_ARGS)
 
-# Tests in parallel, one worker per core (a module marked xdist_group stays on one worker:
-# the soak runs once), then the time-boxed chaos runs (marked serial) alone. Exit code 5
-# is pytest's "no test selected": PYTEST_ARGS picked none of that part.
+# Tests in parallel, one worker per core, a file's tests on one worker (so a module's
+# fixtures, the soak's run among them, are made once), then the time-boxed chaos runs
+# (marked serial) alone. Exit code 5 is pytest's "no test selected": PYTEST_ARGS picked
+# none of that part.
 TEST_WORKERS ?= auto
 test: setup
-	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadgroup -m "not serial" $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadfile -m "not serial" $(PYTEST_ARGS) || [ $$? -eq 5 ]
 	$(VENV)/bin/pytest -m serial $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 bench: models

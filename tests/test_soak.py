@@ -27,9 +27,6 @@ import pytest_asyncio
 from bench import soak  # bench/soak.py: the long form of this test
 from bench.soak_report import report
 
-# One worker runs the whole module under `make test`'s workers, so the soak runs once.
-pytestmark = pytest.mark.xdist_group("soak")
-
 TURNS = 6 * soak.CYCLE_TURNS  # 84 (under a minute): a warm-up of 2 cycles, then 4 more
 OBJECTS_LIMIT = 0.01  # the noise is about 0.1 %: a leak of some 30 objects a turn shows
 MAX_CLIP_S = 3.0
