@@ -112,6 +112,8 @@ BACKFILLED_LINE = re.compile(rf"capture ({ID}) cut short, transcribed")
 CLOCK_REFUSALS = ("the device clock is wrong", "InvalidSignatureException")
 """How a refusal for the clock shows in a "not synced" line (S3's code, DynamoDB's)."""
 NOT_KEPT_LINE = "capture not kept:"
+MID_TURN = "mid-turn (kept, outcome not recorded)"
+"""Kills that cut a turn: their key in ChaosReport.kills_between_revisions()."""
 READY_LINE = "ready: listening"
 SYNCING_LINE = "syncing until Ctrl-C"
 """A sync daemon's "ready": its SIGTERM handler is in place from here on."""
@@ -314,9 +316,7 @@ class ChaosReport:
         killed = [p for p in self.batches + self.syncer_runs if p.killed and p.kill_state]
         return {
             "between revisions": sum(p.between_revisions for p in killed),
-            "mid-turn (kept, outcome not recorded)": sum(
-                bool(p.kill_state and p.kill_state["mid_turn"]) for p in killed
-            ),
+            MID_TURN: sum(bool(p.kill_state and p.kill_state["mid_turn"]) for p in killed),
             "newest revision newer than the one in S3": sum(
                 bool(p.kill_state and p.kill_state["behind_store"]) for p in killed
             ),
@@ -838,9 +838,7 @@ class Chaos:
         return ("turn", rng.randrange(size), rng.uniform(0.0, 0.4))
 
     def _cut_a_turn(self) -> bool:
-        return any(
-            b.killed and b.kill_state and b.kill_state["mid_turn"] for b in self.report.batches
-        )
+        return self.report.kills_between_revisions()[MID_TURN] > 0
 
     async def _run_batch(self, batch: Batch, plan: Plan) -> None:
         args = [sys.executable, "-m", "heimdall_edge.cli", "run", "--simulate", "--fast"]

@@ -52,7 +52,7 @@ from typing import Any
 import pytest
 
 from tests.chaos_clock import probe_steps
-from tests.chaos_driver import Chaos, ChaosConfig, ChaosReport
+from tests.chaos_driver import MID_TURN, Chaos, ChaosConfig, ChaosReport
 from tests.chaos_spool import EvictionLog, cut_during, over_evicted
 
 pytestmark = pytest.mark.serial  # alone, after the rest: see `make test`
@@ -95,20 +95,21 @@ async def run_until_exercised(
     tmp_path: Path,
     speech_dir: Path,
     models_dir: Path,
-    gaps: Callable[[ChaosReport], list[str]],
+    exercises: Callable[[ChaosReport], dict[str, bool]],
     minutes: float = EXTENDED_MINUTES,
     **mode: Any,
 ) -> ChaosReport:
-    """Seeded runs (every check must pass in each) until one exercised everything `gaps`
-    asks about; a short run is timing-dependent (a kill aimed at a window of a few ms, a
-    step that must land in a turn), so the next seed is tried, at most EXERCISE_RUNS."""
+    """Seeded runs (every check must pass in each) until one did every exercise (each named,
+    with whether the run did it); a short run is timing-dependent (a kill aimed at a window
+    of a few ms, a step that must land in a turn), so the next seed is tried, at most
+    EXERCISE_RUNS."""
     missing: list[str] = []
     for attempt in range(EXERCISE_RUNS):
         report, summary = await run_chaos(
             tmp_path / f"run-{attempt}", speech_dir, models_dir, minutes,
             seed=SEED + attempt, **mode,
         )  # fmt: skip
-        missing = gaps(report)
+        missing = [name for name, done in exercises(report).items() if not done]
         if not missing:
             return report
         print(f"seed {SEED + attempt}: not exercised: {', '.join(missing)}")
@@ -119,22 +120,18 @@ async def run_until_exercised(
 async def test_chaos_no_capture_lost_every_turn_answered_every_capture_synced_once(
     tmp_path: Path, speech_dir: Path, models_dir: Path
 ) -> None:
-    def gaps(report: ChaosReport) -> list[str]:
+    def exercises(report: ChaosReport) -> dict[str, bool]:
         # How many batches fit in the time (and so how many kills) depends on the machine's
         # speed: 4 batches and 1 kill were seen on a slow host.
-        return [
-            gap
-            for gap, met in (
-                ("two SIGKILLs", report.kills >= 2),
-                ("a store outage", report.store_outages >= 1),
-                ("four cloud phases", len(report.cloud_phases) >= 4),
-                ("the service syncing while running", report.synced_by_service > 0),
-                ("a batch run to the end", any(b.finished for b in report.batches)),
-            )
-            if not met
-        ]
+        return {
+            "two SIGKILLs": report.kills >= 2,
+            "a store outage": report.store_outages >= 1,
+            "four cloud phases": len(report.cloud_phases) >= 4,
+            "the service syncing while running": report.synced_by_service > 0,
+            "a batch run to the end": any(b.finished for b in report.batches),
+        }
 
-    await run_until_exercised(tmp_path, speech_dir, models_dir, gaps, minutes=MINUTES)
+    await run_until_exercised(tmp_path, speech_dir, models_dir, exercises, minutes=MINUTES)
 
 
 def test_libfaketime_steps_the_wall_clock_and_not_the_monotonic_one(tmp_path: Path) -> None:
@@ -149,27 +146,23 @@ def test_libfaketime_steps_the_wall_clock_and_not_the_monotonic_one(tmp_path: Pa
 async def test_chaos_clock_steps_mid_turn_nothing_lost_nothing_behind_its_revision(
     tmp_path: Path, speech_dir: Path, models_dir: Path
 ) -> None:
-    def gaps(report: ChaosReport) -> list[str]:
+    def exercises(report: ChaosReport) -> dict[str, bool]:
         # Whether a refusal names a capture ("capture X not synced: ... clock") or stops a
         # pass before any upload ("sync pass skipped") depends on which call meets it first:
         # the store's own count is the exercise check.
-        return [
-            gap
-            for gap, met in (
-                ("a clock step during a turn", report.steps_in_turn >= 1),
-                ("a capture kept under a stepped clock", report.stamped_off >= 1),
-                ("the store refusing the clock", sum(report.store_refused.values()) >= 1),
-                ("a SIGKILL", report.kills >= 1),
-                ("a batch run to the end", any(b.finished for b in report.batches)),
-            )
-            if not met
-        ]
+        return {
+            "a clock step during a turn": report.steps_in_turn >= 1,
+            "a capture kept under a stepped clock": report.stamped_off >= 1,
+            "the store refusing the clock": sum(report.store_refused.values()) >= 1,
+            "a SIGKILL": report.kills >= 1,
+            "a batch run to the end": any(b.finished for b in report.batches),
+        }
 
     await run_until_exercised(
         tmp_path,
         speech_dir,
         models_dir,
-        gaps,
+        exercises,
         clock_steps=True,
         kill_probability=0.4,  # fewer kills: more turns for the steps to land in
     )
@@ -179,26 +172,22 @@ async def test_chaos_clock_steps_mid_turn_nothing_lost_nothing_behind_its_revisi
 async def test_chaos_two_syncers_under_a_quota_and_kills_between_revisions(
     tmp_path: Path, speech_dir: Path, models_dir: Path
 ) -> None:
-    def gaps(report: ChaosReport) -> list[str]:
+    def exercises(report: ChaosReport) -> dict[str, bool]:
         evictors = {e.process.split(" #")[0] for e in report.evicted.values()}
         kills = report.kills_between_revisions()
-        return [
-            gap
-            for gap, met in (
-                ("both processes evicting", {"service", "sync"} <= evictors),
-                ("a second syncer SIGKILLed", any(p.killed for p in report.syncer_runs)),
-                ("a second syncer stopped", any(p.terminated for p in report.syncer_runs)),
-                ("a kill mid-turn", kills["mid-turn (kept, outcome not recorded)"] >= 1),
-                ("a kill with S3 behind", kills["newest revision newer than the one in S3"] >= 1),
-            )
-            if not met
-        ]
+        return {
+            "both processes evicting": {"service", "sync"} <= evictors,
+            "a second syncer SIGKILLed": any(p.killed for p in report.syncer_runs),
+            "a second syncer stopped": any(p.terminated for p in report.syncer_runs),
+            "a kill mid-turn": kills[MID_TURN] >= 1,
+            "a kill with S3 behind": kills["newest revision newer than the one in S3"] >= 1,
+        }
 
     report = await run_until_exercised(
         tmp_path,
         speech_dir,
         models_dir,
-        gaps,
+        exercises,
         second_syncer="mixed",
         quota_mb=10,  # the smallest allowed
         ballast_mb=8,  # other data: 8 MB growing to 8.8 MB and cut back, again and again
